@@ -1,0 +1,1 @@
+"""xclip-serve: command-line entry point."""
