@@ -1,0 +1,200 @@
+"""The one evaluation routine: zero-shot, retrieval, linear probe and cluster health of a pair of encoders.
+
+Training-time evaluation (torch encoders) and `eval --bundle` (ONNX encoders) both call `evaluate`; the
+encoders are plain callables returning {"embedding": (N, D) normalised, optionally "cluster_probs": (N, K)}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from core.metrics import (
+    DEFAULT_TEMPLATES,
+    cluster_stats,
+    ensemble_class_embeddings,
+    linear_probe,
+    retrieval_recall,
+    zero_shot_accuracy,
+)
+
+logger = logging.getLogger(__name__)
+
+EncodeImages = Callable[[list[Image.Image]], dict[str, np.ndarray]]
+EncodeTexts = Callable[[list[str]], dict[str, np.ndarray]]
+PROBE_TRAIN_FRAC = 0.7  # share of groups used to train the probe when no separate probe set is given
+SPLIT_SEED = 0
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Images with their query text (first caption), group, and per-image label values (None when unknown)."""
+
+    images: list[Image.Image]
+    texts: list[str]
+    groups: list[str]
+    labels: dict[str, list[str | None]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.images)
+        lengths = [len(self.texts), len(self.groups), *(len(v) for v in self.labels.values())]
+        if any(length != n for length in lengths):
+            raise ValueError(f"EvalSet fields must all have {n} entries, got {lengths}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def eval_set_from_samples(samples: Iterable) -> EvalSet:
+    """Build an EvalSet from objects with `image`, `texts`, `labels` ({name: value}) and `group`."""
+    samples = list(samples)
+    if any(not s.texts for s in samples):
+        raise ValueError("every evaluation sample needs at least one caption")
+    names = sorted({name for s in samples for name in (s.labels or {})})
+    return EvalSet(
+        images=[s.image for s in samples],
+        texts=[s.texts[0] for s in samples],
+        groups=[str(s.group) for s in samples],
+        labels={name: [_label_value((s.labels or {}).get(name)) for s in samples] for name in names},
+    )
+
+
+def _label_value(value: object) -> str | None:
+    """A label value as a string; None and "" mean unknown."""
+    return None if value is None or value == "" else str(value)
+
+
+def group_queries(eval_set: EvalSet) -> tuple[list[str], list[str]]:
+    """One text query per distinct group (its first text), in order of first appearance; (texts, groups)."""
+    first_text: dict[str, str] = {}
+    for text, group in zip(eval_set.texts, eval_set.groups, strict=True):
+        first_text.setdefault(group, text)
+    return list(first_text.values()), list(first_text)
+
+
+def split_by_group(groups: Sequence[str], train_frac: float = PROBE_TRAIN_FRAC, seed: int = SPLIT_SEED):
+    """Deterministic (train_idx, test_idx) with every group wholly on one side; needs >= 2 groups."""
+    distinct = sorted(set(groups))
+    if len(distinct) < 2:
+        raise ValueError("a group split needs at least two groups")
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    n_train = min(max(round(train_frac * len(distinct)), 1), len(distinct) - 1)
+    train_groups = {distinct[i] for i in order[:n_train]}
+    in_train = np.array([g in train_groups for g in groups])
+    return np.flatnonzero(in_train), np.flatnonzero(~in_train)
+
+
+def evaluate(
+    encode_images: EncodeImages,
+    encode_texts: EncodeTexts,
+    eval_set: EvalSet,
+    probe_train: EvalSet | None,
+    label_sets: dict[str, list[str]],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    label_set_names: list[str] | None = None,
+) -> dict[str, float | int | bool]:
+    """All metrics of a pair of encoders on `eval_set`, keyed `retrieval/...`, `zeroshot/<set>/...`, etc."""
+    image_out = encode_images(eval_set.images)
+    query_texts, query_groups = group_queries(eval_set)
+    text_out = encode_texts(query_texts)
+    results: dict[str, float | int | bool] = {}
+    recall = retrieval_recall(image_out["embedding"], eval_set.groups, text_out["embedding"], query_groups)
+    results.update({f"retrieval/{name}": value for name, value in recall.items()})
+    names = _label_set_names(label_sets, eval_set, label_set_names)
+    for name in names:
+        results.update(
+            _zero_shot(encode_texts, image_out["embedding"], eval_set, name, label_sets[name], templates)
+        )
+    results.update(_linear_probes(encode_images, image_out["embedding"], eval_set, probe_train, names))
+    for modality, out in (("image", image_out), ("text", text_out)):
+        if "cluster_probs" in out and len(out["cluster_probs"]):
+            results.update(
+                {f"clusters/{modality}/{k}": v for k, v in cluster_stats(out["cluster_probs"]).items()}
+            )
+    logger.info(
+        "evaluated %d images, %d text queries: %d metrics", len(eval_set), len(query_texts), len(results)
+    )
+    return results
+
+
+def _label_set_names(
+    label_sets: dict[str, list[str]], eval_set: EvalSet, requested: list[str] | None
+) -> list[str]:
+    """The label sets to score: those requested (all must exist), else every set the eval data labels."""
+    if requested is not None:
+        unknown = [n for n in requested if n not in label_sets or n not in eval_set.labels]
+        if unknown:
+            raise ValueError(f"label sets {unknown} are not both in the bundle and labelled in the eval data")
+        return list(requested)
+    return [name for name in label_sets if name in eval_set.labels]
+
+
+def _known(values: Sequence[str | None]) -> np.ndarray:
+    """Indices of the images whose label value is known."""
+    return np.array([i for i, v in enumerate(values) if v is not None], dtype=np.int64)
+
+
+def _zero_shot(
+    encode_texts: EncodeTexts,
+    image_emb: np.ndarray,
+    eval_set: EvalSet,
+    name: str,
+    classnames: list[str],
+    templates: Sequence[str],
+) -> dict[str, float]:
+    """`zeroshot/<name>/top{k}` over images labelled in `name`; values outside the label set count wrong."""
+    values = eval_set.labels[name]
+    keep = _known(values)
+    if len(keep) == 0 or not classnames:
+        logger.warning("zero-shot %s skipped: no labelled images or no classes", name)
+        return {}
+    index = {c: i for i, c in enumerate(classnames)}
+    labels = np.array([index.get(values[i], -1) for i in keep])
+    if (labels < 0).any():
+        logger.warning(
+            "zero-shot %s: %d images have labels outside the label set", name, int((labels < 0).sum())
+        )
+    class_emb = ensemble_class_embeddings(lambda t: encode_texts(t)["embedding"], classnames, templates)
+    accuracy = zero_shot_accuracy(image_emb[keep], class_emb, labels)
+    return {f"zeroshot/{name}/{k}": v for k, v in accuracy.items()}
+
+
+def _probe_data(
+    encode_images: EncodeImages, image_emb: np.ndarray, eval_set: EvalSet, probe_train: EvalSet | None
+) -> tuple[np.ndarray, dict, np.ndarray, dict]:
+    """(train_x, train_labels, test_x, test_labels): probe set vs eval_set, or a 70/30 group split of it."""
+    if probe_train is not None:
+        return encode_images(probe_train.images)["embedding"], probe_train.labels, image_emb, eval_set.labels
+    train_idx, test_idx = split_by_group(eval_set.groups)
+    train_labels = {n: [v[i] for i in train_idx] for n, v in eval_set.labels.items()}
+    test_labels = {n: [v[i] for i in test_idx] for n, v in eval_set.labels.items()}
+    return image_emb[train_idx], train_labels, image_emb[test_idx], test_labels
+
+
+def _linear_probes(
+    encode_images: EncodeImages,
+    image_emb: np.ndarray,
+    eval_set: EvalSet,
+    probe_train: EvalSet | None,
+    names: list[str],
+) -> dict[str, float]:
+    """`linear_probe/<name>` for each label set with labelled images on both sides of the split."""
+    if not names or (probe_train is None and len(set(eval_set.groups)) < 2):
+        return {}
+    train_x, train_labels, test_x, test_labels = _probe_data(encode_images, image_emb, eval_set, probe_train)
+    results = {}
+    for name in names:
+        train_keep, test_keep = _known(train_labels.get(name, [])), _known(test_labels[name])
+        if len(train_keep) == 0 or len(test_keep) == 0:
+            logger.warning("linear probe %s skipped: no labelled images on one side", name)
+            continue
+        train_y = [train_labels[name][i] for i in train_keep]
+        test_y = [test_labels[name][i] for i in test_keep]
+        results[f"linear_probe/{name}"] = linear_probe(
+            train_x[train_keep], train_y, test_x[test_keep], test_y
+        )
+    return results

@@ -1,0 +1,152 @@
+"""Evaluation metrics on numpy embeddings: zero-shot accuracy, retrieval recall, linear probe, cluster health.
+
+Pure functions shared by training-time evaluation and `eval --bundle`; embeddings are assumed L2-normalised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Prompt templates tuned for the default emoji data set (short names such as "grinning face"); pass your own
+# `templates` to `ensemble_class_embeddings` for other domains, e.g. ("a photo of a {}.",).
+DEFAULT_TEMPLATES = ("{}", "a {} emoji", "an emoji of {}", "{} emoji", "a picture of {}", "an icon of {}")
+
+# A cluster head is "collapsed" when it carries under 0.5 nats of information about the input (entropy_gap,
+# the mutual information I(x; cluster)), or when its hard assignments use under 1% of the K clusters.
+COLLAPSE_MIN_ENTROPY_GAP = 0.5
+COLLAPSE_MIN_USED_FRAC = 0.01
+
+# Linear probe: inverse L2 strengths tried on a held-out 20% of the training features (CLIP sweeps likewise).
+PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0)
+PROBE_DEFAULT_C = 1.0
+PROBE_MIN_TRAIN_FOR_SWEEP = 50
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k highest scores, best first; (Q, k)."""
+    k = min(k, scores.shape[1])
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def zero_shot_accuracy(
+    image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Fraction of images whose true class index is among the k most similar class embeddings."""
+    labels = np.asarray(labels)
+    ranked = _top_k(image_emb @ class_emb.T, max(ks))  # (N, k) class indices
+    hits = ranked == labels[:, None]
+    return {f"top{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def _recall_at_k(scores: np.ndarray, query_groups: np.ndarray, gallery_groups: np.ndarray, ks) -> list[float]:
+    """For each k, the fraction of queries with a same-group gallery item in their top k."""
+    ranked = _top_k(scores, max(ks))
+    hits = gallery_groups[ranked] == query_groups[:, None]  # (Q, k)
+    return [float(hits[:, :k].any(axis=1).mean()) for k in ks]
+
+
+def retrieval_recall(
+    image_emb: np.ndarray,
+    image_groups: Sequence[str],
+    text_emb: np.ndarray,
+    text_groups: Sequence[str],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Recall@k both ways: `t2i_r{k}` (texts query the images) and `i2t_r{k}` (images query the texts)."""
+    image_groups = np.asarray(image_groups, dtype=object)
+    text_groups = np.asarray(text_groups, dtype=object)
+    scores = text_emb @ image_emb.T  # (T, N)
+    t2i = _recall_at_k(scores, text_groups, image_groups, ks)
+    i2t = _recall_at_k(scores.T, image_groups, text_groups, ks)
+    return {
+        **{f"t2i_r{k}": r for k, r in zip(ks, t2i, strict=True)},
+        **{f"i2t_r{k}": r for k, r in zip(ks, i2t, strict=True)},
+    }
+
+
+def _fit_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, seed: int):
+    """Standardise-then-logistic-regression pipeline fitted on the training features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+    return probe.fit(train_x, train_y)
+
+
+def _choose_probe_c(train_x: np.ndarray, train_y: np.ndarray, seed: int) -> float:
+    """Best C of PROBE_C_GRID on a seeded 80/20 split of the training set (PROBE_DEFAULT_C when too small)."""
+    if len(train_y) < PROBE_MIN_TRAIN_FOR_SWEEP:
+        return PROBE_DEFAULT_C
+    order = np.random.default_rng(seed).permutation(len(train_y))
+    fit_idx, val_idx = order[len(order) // 5 :], order[: len(order) // 5]
+    if len(np.unique(train_y[fit_idx])) < 2:
+        return PROBE_DEFAULT_C
+    scores = [
+        (
+            _fit_probe(train_x[fit_idx], train_y[fit_idx], c, seed).predict(train_x[val_idx])
+            == train_y[val_idx]
+        ).mean()
+        for c in PROBE_C_GRID
+    ]
+    return PROBE_C_GRID[int(np.argmax(scores))]
+
+
+def linear_probe(
+    train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, seed: int = 0
+) -> float:
+    """Test accuracy of a logistic-regression probe on frozen features; unseen test labels count as wrong."""
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    if len(test_y) == 0 or len(train_y) == 0:
+        raise ValueError("linear_probe needs at least one training and one test example")
+    classes = np.unique(train_y)
+    if len(classes) == 1:  # nothing to learn: the probe can only answer the one class it saw
+        return float((test_y == classes[0]).mean())
+    c = _choose_probe_c(train_x, train_y, seed)
+    predictions = _fit_probe(train_x, train_y, c, seed).predict(test_x)
+    logger.debug("linear probe: C=%s, %d classes, %d train", c, len(classes), len(train_y))
+    return float((predictions == test_y).mean())
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy in nats along the last axis."""
+    p = np.clip(probs, 1e-12, 1.0)
+    return -(probs * np.log(p)).sum(axis=-1)
+
+
+def cluster_stats(probs: np.ndarray) -> dict[str, float | int | bool]:
+    """Health of (N, K) cluster assignments: clusters used, per-sample and marginal entropy, collapse flag."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        raise ValueError(f"cluster_stats needs a non-empty (N, K) array, got shape {probs.shape}")
+    clusters_used = len(np.unique(probs.argmax(axis=1)))
+    used_frac = clusters_used / probs.shape[1]
+    mean_entropy = float(_entropy(probs).mean())
+    entropy_of_mean = float(_entropy(probs.mean(axis=0)))
+    entropy_gap = entropy_of_mean - mean_entropy  # I(x; cluster) estimate
+    return {
+        "clusters_used": clusters_used,
+        "clusters_used_frac": used_frac,
+        "mean_entropy": mean_entropy,
+        "entropy_of_mean": entropy_of_mean,
+        "entropy_gap": entropy_gap,
+        "collapsed": bool(entropy_gap < COLLAPSE_MIN_ENTROPY_GAP or used_frac < COLLAPSE_MIN_USED_FRAC),
+    }
+
+
+def ensemble_class_embeddings(
+    encode_texts: Callable[[list[str]], np.ndarray], classnames: list[str], templates: Sequence[str]
+) -> np.ndarray:
+    """CLIP prompt ensembling: per class, the renormalised mean of its unit template embeddings; (C, D)."""
+    if not templates:
+        raise ValueError("need at least one prompt template")
+    prompts = [template.format(name) for name in classnames for template in templates]
+    emb = np.asarray(encode_texts(prompts), dtype=np.float32)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    per_class = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)  # (C, D)
+    return per_class / np.maximum(np.linalg.norm(per_class, axis=1, keepdims=True), 1e-12)

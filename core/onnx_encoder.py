@@ -1,0 +1,128 @@
+"""ONNX Runtime inference over a bundle's encoders, three steps: preprocess (CPU) → run (ONNX) → postprocess.
+
+Used by the service, the index builder and `eval --bundle`; it needs no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from core.bundle import MODALITIES, Bundle
+from core.preprocess import preprocess_batch
+
+logger = logging.getLogger(__name__)
+
+TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+DEFAULT_INPUTS = {"image": "pixel_values", "text": "input_ids"}
+INPUT_DTYPES = {"image": np.float32, "text": np.int64}
+INPUT_NDIM = {"image": 4, "text": 2}  # (B, 3, H, W) pixels / (B, L) token ids
+
+
+class ProviderUnavailableError(RuntimeError):
+    """The requested ONNX Runtime execution provider is not available in this install."""
+
+
+def select_providers(preferred: str = "auto") -> list[str]:
+    """Execution providers to try, best first: "auto" (TensorRT, CUDA, CPU as available), "cuda" or "cpu"."""
+    available = set(ort.get_available_providers())
+    if preferred == "cpu":
+        return [CPU]
+    if preferred == "cuda":
+        if CUDA not in available:
+            raise ProviderUnavailableError(
+                f"CUDA was requested but onnxruntime offers only {sorted(available)}; install onnxruntime-gpu"
+            )
+        return [CUDA, CPU]
+    if preferred == "auto":
+        return [p for p in (TENSORRT, CUDA) if p in available] + [CPU]
+    raise ValueError(f"providers must be 'auto', 'cuda' or 'cpu', got {preferred!r}")
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class OnnxEncoder:
+    """The bundle's image and text encoders as ONNX Runtime sessions."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: str = "auto",
+        intra_op_threads: int | None = None,
+        variant: str = "fp32",
+    ):
+        self.bundle = bundle
+        self.providers = select_providers(providers)
+        self.input_names = {**DEFAULT_INPUTS, **bundle.config["onnx"].get("inputs", {})}
+        self.output_names = ["embedding", "cluster_probs"] if bundle.has_clusters else ["embedding"]
+        options = ort.SessionOptions()
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+        self.sessions = {m: self._open_session(m, variant, options) for m in MODALITIES}
+
+    def _open_session(self, modality: str, variant: str, options: ort.SessionOptions) -> ort.InferenceSession:
+        """An inference session over one encoder file, logging the providers it actually got."""
+        path = self.bundle.onnx_path(modality, variant)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        logger.info("%s encoder %s on %s", modality, path.name, session.get_providers())
+        return session
+
+    def preprocess_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Pixels for the image encoder: (B, 3, H, W) float32."""
+        return preprocess_batch(images, self.bundle.preprocess)
+
+    def preprocess_texts(self, texts: list[str]) -> np.ndarray:
+        """Token ids for the text encoder: (B, L) int64."""
+        return self.bundle.tokenizer.encode(texts)
+
+    def run(self, modality: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """One ONNX call: (B, D) "embedding" and, for clustered bundles, (B, K) "cluster_probs"."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        inputs = np.ascontiguousarray(inputs, dtype=INPUT_DTYPES[modality])
+        if inputs.ndim != INPUT_NDIM[modality]:
+            raise ValueError(f"{modality} input must be {INPUT_NDIM[modality]}-D, got shape {inputs.shape}")
+        feed = {self.input_names[modality]: inputs}
+        values = self.sessions[modality].run(self.output_names, feed)
+        return dict(zip(self.output_names, values, strict=True))
+
+    def postprocess(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """float32 outputs with the embedding re-normalised (guards against fp16/int8 drift)."""
+        processed = {name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()}
+        processed["embedding"] = l2_normalize(processed["embedding"])
+        return processed
+
+    def encode_images(self, images: list[Image.Image], batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Preprocess, run and postprocess images in batches; arrays concatenated over the batches."""
+        return self._encode("image", images, self.preprocess_images, batch_size)
+
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Tokenize, run and postprocess texts in batches; arrays concatenated over the batches."""
+        return self._encode("text", texts, self.preprocess_texts, batch_size)
+
+    def _encode(
+        self, modality: str, items: list, preprocess: Callable[[list], np.ndarray], batch_size: int
+    ) -> dict[str, np.ndarray]:
+        """The three steps over `items` in chunks of `batch_size`."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not items:
+            return self._empty_outputs()
+        chunks = [
+            self.postprocess(self.run(modality, preprocess(items[start : start + batch_size])))
+            for start in range(0, len(items), batch_size)
+        ]
+        return {name: np.concatenate([c[name] for c in chunks]) for name in self.output_names}
+
+    def _empty_outputs(self) -> dict[str, np.ndarray]:
+        """Zero-row outputs with the bundle's widths: (0, D) and (0, K)."""
+        widths = {"embedding": self.bundle.embed_dim, "cluster_probs": self.bundle.num_clusters}
+        return {name: np.zeros((0, widths[name]), np.float32) for name in self.output_names}

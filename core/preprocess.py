@@ -1,0 +1,120 @@
+"""Image preprocessing: the one implementation of decode → resize → normalise, described by `preprocess.json`.
+
+Training (eval transform and the base of its augmentations), the exporter's parity check, the index builder and
+the service all call these functions, so an image is turned into the same tensor everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Decoded-pixel ceiling: refuses decompression bombs before Pillow allocates them.
+MAX_IMAGE_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+RESIZE_MODES = ("squash", "shortest_center_crop", "longest_pad")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image Pillow can decode (corrupt, truncated, unsupported or too large)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """What `preprocess.json` holds: everything needed to turn an image into the encoder's input."""
+
+    image_size: int = 64
+    resize_mode: str = "longest_pad"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this colour
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "background", tuple(int(c) for c in self.background))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PreprocessConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def load_image(source: bytes | str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Decode bytes or a file into an RGB image, compositing any transparency onto `background`."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(bytes(source)))
+        else:
+            image = Image.open(source)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(f"cannot decode image: {err}") from err
+    return to_rgb(image, background)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """RGB view of any Pillow image; transparent pixels become `background`."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def resize(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """Resize an RGB image to the square encoder input; (H, W, 3) uint8."""
+    size = config.image_size
+    method = Image.Resampling[config.interpolation.upper()]
+    image = to_rgb(image, config.background)
+    if config.resize_mode == "squash":
+        out = image.resize((size, size), method)
+    elif config.resize_mode == "shortest_center_crop":
+        out = ImageOps.fit(image, (size, size), method=method)
+    else:  # longest_pad: whole image visible, padded with the background colour
+        out = ImageOps.pad(image, (size, size), method=method, color=config.background)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """uint8 (..., H, W, 3) → float32 (..., 3, H, W) scaled by the config's mean and std."""
+    x = pixels.astype(np.float32) / 255.0
+    x = (x - np.asarray(config.mean, np.float32)) / np.asarray(config.std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """The eval transform: (3, H, W) float32."""
+    return normalize(resize(image, config), config)
+
+
+def preprocess_batch(images: list[Image.Image], config: PreprocessConfig) -> np.ndarray:
+    """The eval transform over a list: (B, 3, H, W) float32."""
+    if not images:
+        return np.zeros((0, 3, config.image_size, config.image_size), np.float32)
+    return normalize(np.stack([resize(im, config) for im in images]), config)

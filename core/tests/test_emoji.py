@@ -1,0 +1,299 @@
+"""Tests for core.emoji against a fake npm package in the real layout: filtering, compositing, captions,
+labels, splits by base emoji, and the build cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from core import emoji
+from core.data import load_samples, splits_present
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
+
+
+def entry(name, unified, short_names, category, subcategory, order, tones=()):
+    """An emoji.json entry as emoji-datasource writes it (only the keys the builder reads, plus noise)."""
+    image = unified.lower() + ".png"
+    skin = {
+        tone: {
+            "unified": f"{unified}-{tone}",
+            "image": f"{unified.lower()}-{tone.lower()}.png",
+            "has_img_google": True,
+            "sheet_x": 0,
+        }
+        for tone in tones
+    }
+    return {
+        "name": name,
+        "unified": unified,
+        "image": image,
+        "short_name": short_names[0],
+        "short_names": short_names,
+        "category": category,
+        "subcategory": subcategory,
+        "sort_order": order,
+        "has_img_google": True,
+        "has_img_apple": True,
+        **({"skin_variations": skin} if skin else {}),
+    }
+
+
+ENTRIES = [
+    entry("DOG FACE", "1F436", ["dog"], "Animals & Nature", "animal-mammal", 3),
+    entry("FATHER CHRISTMAS", "1F385", ["santa"], "People & Body", "person-fantasy", 2, ["1F3FB", "1F3FF"]),
+    entry(
+        "PEOPLE HOLDING HANDS",
+        "1F9D1-200D-1F91D-200D-1F9D1",
+        ["people_holding_hands"],
+        "People & Body",
+        "family",
+        5,
+        ["1F3FB-1F3FC", "1F3FD-1F3FD"],
+    ),
+    entry("GRINNING FACE", "1F600", ["grinning", "grinning_face"], "Smileys & Emotion", "face-smiling", 1),
+    entry("Germany Flag", "1F1E9-1F1EA", ["de", "flag-de"], "Flags", "country-flag", 6),
+    entry("CAT FACE", "1F431", ["cat"], "Animals & Nature", "animal-mammal", 4),
+    entry("EMOJI MODIFIER FITZPATRICK TYPE-1-2", "1F3FB", ["skin-tone-2"], "Component", "skin-tone", 7),
+]
+
+
+def emoji_png(colour) -> bytes:
+    """An 8x8 RGBA PNG: transparent left half, opaque `colour` right half."""
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    image.paste(Image.new("RGBA", (4, 8), (*colour, 255)), (4, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def image_names(entries) -> list[str]:
+    return [e["image"] for e in entries] + [
+        v["image"] for e in entries for v in e.get("skin_variations", {}).values()
+    ]
+
+
+def fake_package(path: Path, entries=ENTRIES) -> Path:
+    """A .tgz laid out like `npm pack emoji-datasource-google`: emoji.json, 64 px PNGs, and other sizes."""
+    with tarfile.open(path, "w:gz") as tar:
+        for index, name in enumerate(image_names(entries)):
+            for size in ("32", "64"):
+                add_member(tar, f"package/img/google/{size}/{name}", emoji_png(COLOURS[index % len(COLOURS)]))
+        add_member(
+            tar, "package/emoji.json", json.dumps(entries).encode()
+        )  # after the images, as in the real pack
+        add_member(tar, "package/package.json", b'{"name": "emoji-datasource-google"}')
+    return path
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def npm_calls(monkeypatch) -> list[str]:
+    """Replaces `npm pack` with the fake package; returns the list of package specs it was asked for."""
+    calls = []
+
+    def fake_npm_pack(spec: str, dest_dir: Path) -> Path:
+        calls.append(spec)
+        name, version = spec.split("@")
+        return fake_package(dest_dir / f"{name}-{version}.tgz")
+
+    monkeypatch.setattr(emoji, "npm_pack", fake_npm_pack)
+    return calls
+
+
+def read_records(root: Path) -> dict[str, dict]:
+    return {r["image"]: r for r in map(json.loads, (root / "captions.jsonl").read_text().splitlines())}
+
+
+def test_build_reads_back_as_a_folder_dataset(tmp_path, npm_calls):
+    root = emoji.build_emoji_dataset(tmp_path, version="16.0.0")
+    assert root == tmp_path / "emoji-16.0.0"
+    samples, bad = load_samples(root, max_bad_fraction=0.0)
+    kept = [e for e in ENTRIES if e["category"] != "Component"]
+    assert sorted(s.key for s in samples) == sorted(f"images/{name}" for name in image_names(kept))
+    assert bad.to_dict()["skipped"] == 0
+    assert npm_calls == ["emoji-datasource-google@16.0.0"]
+
+
+def test_images_are_rgb_on_white(tmp_path, npm_calls):
+    samples, _ = load_samples(emoji.build_emoji_dataset(tmp_path))
+    for sample in samples:
+        with Image.open(tmp_path / "emoji-16.0.0" / sample.key) as stored:
+            assert stored.mode == "RGB"
+        assert sample.image.getpixel((0, 0)) == (255, 255, 255)  # was transparent
+        assert sample.image.getpixel((7, 0)) in COLOURS  # opaque pixels unchanged
+
+
+def test_captions_and_labels_of_a_base_emoji(tmp_path, npm_calls):
+    records = read_records(emoji.build_emoji_dataset(tmp_path))
+    assert records["images/1f385.png"]["text"] == [
+        "father christmas",
+        "santa",
+        "father christmas emoji",
+        "father christmas, a person fantasy emoji",
+        "a people & body emoji of father christmas",
+        "santa, person fantasy emoji",
+    ]
+    assert records["images/1f385.png"]["labels"] == {
+        "category": "people & body",
+        "subcategory": "person fantasy",
+    }
+    assert records["images/1f1e9-1f1ea.png"]["text"] == [  # "de", "flag-de" are codes, not captions
+        "germany flag",
+        "germany flag emoji",
+        "germany flag, a country flag emoji",
+        "a flags emoji of germany flag",
+    ]
+    assert records["images/1f600.png"]["text"][:3] == ["grinning face", "grinning", "grinning face emoji"]
+
+
+def test_variants_share_captions_group_and_split(tmp_path, npm_calls):
+    records = read_records(emoji.build_emoji_dataset(tmp_path))
+    base = records["images/1f9d1-200d-1f91d-200d-1f9d1.png"]
+    mixed = records["images/1f9d1-200d-1f91d-200d-1f9d1-1f3fb-1f3fc.png"]
+    same = records["images/1f9d1-200d-1f91d-200d-1f9d1-1f3fd-1f3fd.png"]
+    assert mixed["text"] == base["text"] + ["people holding hands, light skin tone, medium-light skin tone"]
+    assert same["text"] == base["text"] + ["people holding hands, medium skin tone"]
+    assert records["images/1f385-1f3ff.png"]["text"][-1] == "father christmas, dark skin tone"
+    for variant in (mixed, same):
+        assert (variant["group"], variant["split"], variant["labels"]) == (
+            "1F9D1-200D-1F91D-200D-1F9D1",
+            base["split"],
+            base["labels"],
+        )
+
+
+def test_a_third_to_a_half_of_captions_carry_label_words(tmp_path, npm_calls):
+    records = read_records(emoji.build_emoji_dataset(tmp_path)).values()
+    carrying = Counter(
+        any(r["labels"][name] in text for name in ("category", "subcategory"))
+        for r in records
+        for text in r["text"]
+    )
+    assert 1 / 3 <= carrying[True] / sum(carrying.values()) <= 1 / 2
+
+
+def test_builds_are_deterministic(tmp_path, npm_calls):
+    first = emoji.build_emoji_dataset(tmp_path / "a", seed=3)
+    second = emoji.build_emoji_dataset(tmp_path / "b", seed=3)
+    for name in ("captions.jsonl", "dataset.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_second_build_is_served_from_the_cache(tmp_path, npm_calls):
+    root = emoji.build_emoji_dataset(tmp_path)
+    stamp = (root / "captions.jsonl").stat().st_mtime_ns
+    assert emoji.build_emoji_dataset(tmp_path) == root
+    assert (root / "captions.jsonl").stat().st_mtime_ns == stamp
+    assert len(npm_calls) == 1
+
+
+@pytest.mark.parametrize("change", ["interrupted", "new_seed", "old_format"])
+def test_stale_builds_are_redone_from_the_cached_tarball(tmp_path, npm_calls, change):
+    root = emoji.build_emoji_dataset(tmp_path)
+    seed = 0
+    if change == "interrupted":
+        (root / "captions.jsonl").unlink()
+    elif change == "new_seed":
+        seed = 1
+    else:
+        metadata = json.loads((root / "dataset.json").read_text())
+        (root / "dataset.json").write_text(json.dumps({**metadata, "build_format": 0}))
+    emoji.build_emoji_dataset(tmp_path, seed=seed)
+    assert json.loads((root / "dataset.json").read_text())["seed"] == seed
+    assert emoji.is_built(root, "16.0.0", seed)
+    assert len(npm_calls) == 1  # the .tgz is reused
+
+
+def test_metadata(tmp_path, npm_calls):
+    root = emoji.build_emoji_dataset(tmp_path)
+    metadata = json.loads((root / "dataset.json").read_text())
+    assert sum(metadata["counts"]["images"].values()) == 10  # 6 base emoji + 4 skin-tone variants
+    assert sum(metadata["counts"]["emoji"].values()) == 6
+    assert set(metadata["counts"]["images"]) == splits_present(root)
+    assert metadata["license"] == "emoji-datasource-google: MIT data; Noto emoji art Apache-2.0"
+    assert metadata["labels"] == {
+        "category": ["animals & nature", "flags", "people & body", "smileys & emotion"],
+        "subcategory": ["animal mammal", "country flag", "face smiling", "family", "person fantasy"],
+    }
+
+
+def bases(sizes: dict[str, int]) -> list[dict]:
+    return [
+        {"unified": f"{sub.upper()}{i:03d}", "subcategory": sub} for sub, n in sizes.items() for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    "count, expected",
+    [
+        (0, (0, 0, 0)),
+        (1, (1, 0, 0)),
+        (2, (2, 0, 0)),
+        (4, (4, 0, 0)),
+        (5, (3, 1, 1)),
+        (10, (8, 1, 1)),
+        (15, (11, 2, 2)),
+        (30, (24, 3, 3)),
+        (159, (127, 16, 16)),
+    ],
+)
+def test_split_sizes(count, expected):
+    assert emoji.split_sizes(count) == expected
+
+
+def test_splits_are_stratified_by_subcategory_and_seeded():
+    entries = bases({"mammal": 30, "amphibian": 1, "flag": 5})
+    splits = emoji.assign_splits(entries, seed=0)
+    per_subcategory = Counter((e["subcategory"], splits[e["unified"]]) for e in entries)
+    assert per_subcategory == Counter(
+        {
+            ("mammal", "train"): 24,
+            ("mammal", "val"): 3,
+            ("mammal", "test"): 3,
+            ("amphibian", "train"): 1,
+            ("flag", "train"): 3,
+            ("flag", "val"): 1,
+            ("flag", "test"): 1,
+        }
+    )
+    assert emoji.assign_splits(list(reversed(entries)), seed=0) == splits  # input order does not matter
+    assert emoji.assign_splits(entries, seed=1) != splits
+
+
+def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
+    with pytest.raises(emoji.EmojiBuildError, match="npm is not on PATH"):
+        emoji.build_emoji_dataset(tmp_path)
+
+
+def test_npm_failure_is_a_clear_error(tmp_path, monkeypatch):
+    def failing_run(command, **kwargs):
+        raise subprocess.CalledProcessError(1, command, stderr="npm error 404 Not Found")
+
+    monkeypatch.setattr(emoji.subprocess, "run", failing_run)
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: "/usr/bin/npm")
+    with pytest.raises(emoji.EmojiBuildError, match="exit code 1: npm error 404"):
+        emoji.build_emoji_dataset(tmp_path, version="0.0.0")
+    assert not list(tmp_path.glob("*.tgz"))
+
+
+def test_corrupt_tarball_is_deleted_with_a_clear_error(tmp_path, npm_calls):
+    (tmp_path / "emoji-datasource-google-16.0.0.tgz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(emoji.EmojiBuildError, match="run again"):
+        emoji.build_emoji_dataset(tmp_path)
+    assert not (tmp_path / "emoji-datasource-google-16.0.0.tgz").exists()
+    emoji.build_emoji_dataset(tmp_path)  # the next run fetches it afresh
+    assert len(npm_calls) == 1

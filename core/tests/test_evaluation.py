@@ -1,0 +1,153 @@
+"""Tests for `evaluate` with fake encoders whose embeddings make every metric computable by hand.
+
+An image's pixel (g, c, 0) encodes its group g and colour c; its embedding is unit(e_g + e_colour). A query
+text "photo of group g" embeds as e_g and a prompt naming a colour as e_colour: the two are orthogonal.
+"""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.evaluation import EvalSet, eval_set_from_samples, evaluate, group_queries, split_by_group
+
+COLORS = ["red", "green"]
+LABEL_SETS = {"color": COLORS, "shape": ["round", "square"]}
+MAX_GROUPS = 10
+DIM = MAX_GROUPS + len(COLORS)
+
+
+def one_hot(i: int, n: int = DIM) -> np.ndarray:
+    v = np.zeros(n, np.float32)
+    v[i] = 1.0
+    return v
+
+
+def unit(rows) -> np.ndarray:
+    x = np.stack(rows).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def make_image(group: int, color: int) -> Image.Image:
+    return Image.new("RGB", (2, 2), (group, color, 0))
+
+
+def encode_images(images, clusters=False):
+    pixels = [im.getpixel((0, 0)) for im in images]
+    out = {"embedding": unit([one_hot(g) + one_hot(MAX_GROUPS + c) for g, c, _ in pixels])}
+    if clusters:
+        out["cluster_probs"] = np.stack([one_hot(g % 4, 4) for g, _, _ in pixels])
+    return out
+
+
+def text_vector(text: str) -> np.ndarray:
+    if text.startswith("photo of group "):
+        return one_hot(int(text.removeprefix("photo of group ")))
+    return sum(
+        (one_hot(MAX_GROUPS + i) for i, c in enumerate(COLORS) if c in text), np.zeros(DIM, np.float32)
+    )
+
+
+def encode_texts(texts, clusters=False):
+    out = {"embedding": unit([text_vector(t) for t in texts]) if texts else np.zeros((0, DIM), np.float32)}
+    if clusters:
+        out["cluster_probs"] = np.tile(one_hot(0, 4), (len(texts), 1))  # every text in cluster 0: collapsed
+    return out
+
+
+def make_eval_set(colors_of_groups: list[int], per_group: int, color_labels=None) -> EvalSet:
+    """`per_group` images per group; the 2nd image's text names another group (it must not become a query)."""
+    images, texts, groups = [], [], []
+    for g, c in enumerate(colors_of_groups):
+        for j in range(per_group):
+            images.append(make_image(g, c))
+            texts.append(f"photo of group {g if j == 0 else (g + 1) % len(colors_of_groups)}")
+            groups.append(f"g{g}")
+    labels = color_labels or [COLORS[im.getpixel((0, 0))[1]] for im in images]
+    return EvalSet(images=images, texts=texts, groups=groups, labels={"color": labels})
+
+
+def test_evaluate_hand_computed():
+    labels = ["red", "red", "red", "red", "green", "red", None, "blue"]  # 5 and 7 wrong, 6 unknown
+    eval_set = make_eval_set([0, 0, 1, 1], per_group=2, color_labels=labels)
+    probe_train = make_eval_set([0, 0, 1, 1], per_group=2)
+    results = evaluate(encode_images, encode_texts, eval_set, probe_train, LABEL_SETS)
+    expected = {f"retrieval/{d}_r{k}": 1.0 for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    # "blue" is outside the label set, so it misses even at top5 (with only two classes)
+    expected |= {"zeroshot/color/top1": 5 / 7, "zeroshot/color/top5": 6 / 7, "linear_probe/color": 5 / 7}
+    assert results == pytest.approx(expected)  # no "shape" keys: the eval data has no shape labels
+
+
+def test_retrieval_misses_are_counted():
+    eval_set = make_eval_set([0, 1, 0], per_group=1)
+    eval_set.texts[2] = "photo of group 0"  # group g2's only query now finds group g0's image
+    results = evaluate(encode_images, encode_texts, eval_set, None, {})
+    assert results["retrieval/t2i_r1"] == pytest.approx(2 / 3)
+    assert results["retrieval/i2t_r1"] == pytest.approx(2 / 3)
+    assert results["retrieval/t2i_r5"] == 1.0
+
+
+def test_cluster_stats_of_both_towers():
+    eval_set = make_eval_set([0, 0, 1, 1], per_group=2)
+    results = evaluate(
+        lambda ims: encode_images(ims, clusters=True),
+        lambda txts: encode_texts(txts, clusters=True),
+        eval_set,
+        None,
+        LABEL_SETS,
+    )
+    assert results["clusters/image/clusters_used"] == 4
+    assert results["clusters/image/entropy_of_mean"] == pytest.approx(math.log(4))
+    assert results["clusters/image/collapsed"] is False
+    assert results["clusters/text/clusters_used"] == 1 and results["clusters/text/collapsed"] is True
+
+
+def test_no_cluster_keys_without_cluster_probs():
+    results = evaluate(encode_images, encode_texts, make_eval_set([0, 1], per_group=2), None, LABEL_SETS)
+    assert not any(key.startswith("clusters/") for key in results)
+
+
+def test_linear_probe_on_group_split_without_probe_set():
+    eval_set = make_eval_set([0] * 5 + [1] * 5, per_group=3)
+    results = evaluate(encode_images, encode_texts, eval_set, None, LABEL_SETS)
+    assert results["linear_probe/color"] == 1.0  # 7 train groups always hold both colours
+
+
+def test_split_by_group_is_deterministic_and_disjoint():
+    groups = [f"g{i % 10}" for i in range(40)]
+    train_idx, test_idx = split_by_group(groups)
+    train_groups, test_groups = {groups[i] for i in train_idx}, {groups[i] for i in test_idx}
+    assert not train_groups & test_groups
+    assert (len(train_groups), len(test_groups)) == (7, 3)
+    assert sorted(train_idx.tolist() + test_idx.tolist()) == list(range(40))
+    np.testing.assert_array_equal(split_by_group(groups)[0], train_idx)
+
+
+def test_group_queries_use_first_text_per_group():
+    eval_set = EvalSet(images=[None] * 3, texts=["a1", "b1", "a2"], groups=["a", "b", "a"])
+    assert group_queries(eval_set) == (["a1", "b1"], ["a", "b"])
+
+
+def test_label_set_names_selects_and_validates():
+    eval_set = make_eval_set([0, 1], per_group=2)
+    results = evaluate(encode_images, encode_texts, eval_set, None, LABEL_SETS, label_set_names=[])
+    assert not any(key.startswith(("zeroshot/", "linear_probe/")) for key in results)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate(encode_images, encode_texts, eval_set, None, LABEL_SETS, label_set_names=["shape"])
+
+
+def test_eval_set_from_samples():
+    samples = [
+        SimpleNamespace(image="im0", texts=["a cat", "cat"], labels={"color": "red"}, group="cat"),
+        SimpleNamespace(image="im1", texts=["a dog"], labels={"shape": "round"}, group="dog"),
+    ]
+    eval_set = eval_set_from_samples(samples)
+    assert eval_set.texts == ["a cat", "a dog"] and eval_set.groups == ["cat", "dog"]
+    assert eval_set.labels == {"color": ["red", None], "shape": [None, "round"]}
+
+
+def test_eval_set_rejects_ragged_fields():
+    with pytest.raises(ValueError, match="2 entries"):
+        EvalSet(images=[None, None], texts=["a"], groups=["a", "b"])

@@ -1,0 +1,106 @@
+"""Training batches: a compact in-memory cache of preprocessed images and tokenized captions, and a stateless
+sampler whose every random choice derives from (seed, step), which is what makes resume and DDP exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.preprocess import PreprocessConfig, normalize, resize
+from core.tokenizer import TextTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only augmentation. No horizontal flip by default: text and emoji are not mirror-symmetric."""
+
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # random resized crop: area fraction kept
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the crop
+    hflip: bool = False
+
+
+@dataclasses.dataclass
+class TrainCache:
+    """(N, 3, H, W) normalised float16 pixels and every caption tokenized, with per-sample caption offsets."""
+
+    pixels: torch.Tensor
+    tokens: torch.Tensor  # (total captions, L) int64
+    offsets: torch.Tensor  # (N + 1,) start of each sample's captions in `tokens`
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+
+def build_cache(samples: Iterable, preprocess: PreprocessConfig, tokenizer: TextTokenizer,
+                progress: bool = True) -> TrainCache:
+    """Resize and normalise each image once (the shared eval transform) and tokenize all its captions."""
+    pixels, token_rows, offsets = [], [], [0]
+    for sample in tqdm(samples, desc="cache", unit="img", disable=not progress, leave=False):
+        pixels.append(normalize(resize(sample.image, preprocess), preprocess).astype(np.float16))
+        token_rows.append(tokenizer.encode(list(sample.texts)))
+        offsets.append(offsets[-1] + len(sample.texts))
+    if not pixels:
+        raise ValueError("no training samples")
+    return TrainCache(torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.concatenate(token_rows)),
+                      torch.tensor(offsets))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator owned by one optimisation step: same (seed, step) → same batch, whatever ran before."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
+
+
+def random_crop_grids(batch: int, size: int, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """(B, size, size, 2) sampling grids of random resized crops (affine_grid coordinates)."""
+    u = torch.rand(batch, 5, generator=gen)
+    area = aug.crop_scale[0] + (aug.crop_scale[1] - aug.crop_scale[0]) * u[:, 0]
+    log_lo, log_hi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx, cy = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)
+    sx = torch.where((u[:, 4] < 0.5) & aug.hflip, -w, w)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
+    return F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
+
+
+class BatchSampler:
+    """Global batches without replacement per epoch; rank r takes rows [r·B/W, (r+1)·B/W) of the global batch."""
+
+    def __init__(self, cache: TrainCache, global_batch: int, seed: int, augment: AugmentConfig | None):
+        if global_batch > len(cache):
+            raise ValueError(f"batch size {global_batch} exceeds the {len(cache)} training samples")
+        self.cache, self.global_batch, self.seed, self.augment = cache, global_batch, seed, augment
+        self.steps_per_epoch = len(cache) // global_batch
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.cache), self.seed, epoch)
+        return order[within * self.global_batch:(within + 1) * self.global_batch]
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels (b, 3, H, W) float32, input_ids (b, L)) for this rank's share of step's global batch."""
+        idx = self.global_indices(step)
+        gen = step_generator(self.seed, step)
+        n_caps = self.cache.offsets[idx + 1] - self.cache.offsets[idx]
+        caption_rows = self.cache.offsets[idx] + (torch.rand(len(idx), generator=gen) * n_caps).long()
+        grids = None
+        if self.augment is not None:
+            grids = random_crop_grids(len(idx), self.cache.pixels.shape[-1], self.augment, gen)
+        share = slice(rank * len(idx) // world_size, (rank + 1) * len(idx) // world_size)
+        pixels = self.cache.pixels[idx[share]].float()
+        if grids is not None:
+            pixels = F.grid_sample(pixels, grids[share], mode="bilinear", padding_mode="border",
+                                   align_corners=False)
+        return pixels, self.cache.tokens[caption_rows[share]]

@@ -1,0 +1,20 @@
+"""`eval --bundle`: the evaluation routine run through a bundle's ONNX files, as the service runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.bundle import load_bundle
+from core.evaluation import evaluate
+from core.onnx_encoder import OnnxEncoder
+from training.evaluate import load_eval_sets
+
+
+def evaluate_bundle(bundle_dir: Path, data: str, split: str = "test", label_sets: list[str] | None = None,
+                    variant: str = "fp32") -> dict:
+    """Zero-shot, retrieval, linear probe and cluster statistics of a bundle on a labelled data set."""
+    bundle = load_bundle(bundle_dir)
+    encoder = OnnxEncoder(bundle, providers="cpu", variant=variant)
+    sets = load_eval_sets(data, split, known_labels=bundle.label_sets)
+    return evaluate(encoder.encode_images, encoder.encode_texts, sets.eval_set, sets.probe_train, sets.label_sets,
+                    label_set_names=label_sets)

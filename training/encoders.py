@@ -1,0 +1,55 @@
+"""The served heads of a trained model: what the ONNX files compute, and what training-time evaluation uses,
+so both evaluate exactly the same function."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.preprocess import PreprocessConfig, preprocess_batch
+from core.tokenizer import TextTokenizer
+from training.model import DualEncoder
+
+
+class ServedEncoder(nn.Module):
+    """One tower → (L2-normalised embedding, cluster probabilities) — the latter only for nCLIP/xCLIP."""
+
+    def __init__(self, model: DualEncoder, modality: str, cluster_temp: float):
+        super().__init__()
+        self.model, self.modality, self.cluster_temp = model, modality, cluster_temp
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tower = self.model.visual if self.modality == "image" else self.model.text
+        out = self.model._outputs(tower(inputs), self.modality)
+        embedding = F.normalize(out["embedding"], dim=-1)
+        if "cluster_logits" not in out:
+            return (embedding,)
+        return embedding, F.softmax(out["cluster_logits"] / self.cluster_temp, dim=-1)
+
+
+def output_names(model: DualEncoder) -> list[str]:
+    return ["embedding", "cluster_probs"] if model.config.has_clusters else ["embedding"]
+
+
+class TorchEncoder:
+    """numpy-in/numpy-out encoders over a torch model, with the same signature as core's OnnxEncoder."""
+
+    def __init__(self, model: DualEncoder, tokenizer: TextTokenizer, preprocess: PreprocessConfig,
+                 cluster_temp: float, batch_size: int = 256):
+        self.tokenizer, self.preprocess, self.batch_size = tokenizer, preprocess, batch_size
+        self.names = output_names(model)
+        self.towers = {m: ServedEncoder(model, m, cluster_temp).eval() for m in ("image", "text")}
+
+    @torch.no_grad()
+    def _run(self, modality: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        starts = range(0, max(len(inputs), 1), self.batch_size)
+        chunks = [self.towers[modality](torch.from_numpy(inputs[i:i + self.batch_size])) for i in starts]
+        return {name: torch.cat([c[j] for c in chunks]).float().numpy() for j, name in enumerate(self.names)}
+
+    def encode_images(self, images) -> dict[str, np.ndarray]:
+        return self._run("image", preprocess_batch(list(images), self.preprocess))
+
+    def encode_texts(self, texts) -> dict[str, np.ndarray]:
+        return self._run("text", self.tokenizer.encode(list(texts)))

@@ -1,0 +1,152 @@
+"""The three objectives. Each loss returns a dict of named terms ending in `_loss`; the caller sums and logs them.
+
+- CLIP (Radford et al. 2021, eq. in Fig. 3): symmetric InfoNCE over L2-normalised embeddings, learnable logit scale.
+- nCLIP (Zhou et al. 2022, "Non-Contrastive Learning Meets Language-Image Pre-Training", Eq. 2-4): each tower's
+  cluster distribution is the target of the other's prediction, plus λ_EH·H(p) (sharp per-sample distributions)
+  − λ_HE·H(mean p) (all clusters used). Targets follow SwAV/DINO/MSN so the small-batch run does not collapse.
+- xCLIP: L_clip + λ·L_nclip, in separate latent spaces (the model keeps the heads apart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BALANCING = ("sinkhorn", "center", "none")
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
+
+
+@dataclasses.dataclass(frozen=True)
+class NClipConfig:
+    """Every nCLIP choice, with the reason for its default (measured on the emoji data, batch 256, K=1024)."""
+
+    # Student (prediction) temperature: DINO's 0.1.
+    student_temp: float = 0.1
+    # Target temperature below the student's sharpens the targets (DINO 0.04, MSN 0.025); without sharpening the
+    # cross-entropy is minimised by flat distributions.
+    target_temp: float = 0.05
+    # Targets carry no gradient (SwAV, DINO, MSN). With gradient, every sample fell into one prototype in <50 steps.
+    stop_gradient: bool = True
+    # How targets are balanced over the batch: Sinkhorn-Knopp equipartition (SwAV) works at any batch size and
+    # keeps K/B large; "center" subtracts an EMA of the batch mean logits (DINO); "none" relies on λ_HE alone.
+    balancing: str = "sinkhorn"
+    sinkhorn_iters: int = 3
+    center_momentum: float = 0.9
+    # λ_EH: weight of the mean per-sample entropy (sharpness). Small: the sharpened targets already do most of it.
+    lambda_eh: float = 0.1
+    # λ_HE: weight of the entropy of the batch-mean distribution (diversity); MSN's me-max regulariser uses 1.
+    lambda_he: float = 1.0
+    # λ of xCLIP: L = L_clip + weight · L_nclip.
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if self.balancing not in BALANCING:
+            raise ValueError(f"nclip.balancing must be one of {BALANCING}, got {self.balancing!r}")
+        if self.student_temp <= 0 or self.target_temp <= 0:
+            raise ValueError("nclip temperatures must be positive")
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric InfoNCE; row i of each side is the positive pair of row i of the other."""
+    image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = scale * image_emb @ text_emb.t()  # (B, B) image→text
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    return {"contrastive_loss": loss}
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats along the last axis."""
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, iters: int) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp: (B, K) scores → assignments whose rows sum to 1 and whose clusters share mass equally."""
+    q = torch.exp(scores.float() - scores.max()).t()  # (K, B)
+    q /= q.sum()
+    n_clusters, batch = q.shape
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= n_clusters
+        q /= q.sum(dim=0, keepdim=True)
+        q /= batch
+    return (q * batch).t()
+
+
+class NClipLoss(nn.Module):
+    """Cross-modal cluster prediction with entropy regularisers; holds the DINO centres as buffers (checkpointed)."""
+
+    def __init__(self, cfg: NClipConfig, num_clusters: int):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("image_center", torch.zeros(num_clusters))
+        self.register_buffer("text_center", torch.zeros(num_clusters))
+
+    def targets(self, logits: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """(B, K) cosine logits → target distribution, balanced and sharpened as configured."""
+        cfg = self.cfg
+        if cfg.balancing == "sinkhorn":
+            q = sinkhorn(logits / cfg.target_temp, cfg.sinkhorn_iters)
+        elif cfg.balancing == "center":
+            q = F.softmax((logits - center) / cfg.target_temp, dim=-1)
+        else:
+            q = F.softmax(logits / cfg.target_temp, dim=-1)
+        return q.detach() if cfg.stop_gradient else q
+
+    def forward(self, image_logits: torch.Tensor, text_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        log_p_image = F.log_softmax(image_logits / cfg.student_temp, dim=-1)  # (B, K) predictions
+        log_p_text = F.log_softmax(text_logits / cfg.student_temp, dim=-1)
+        q_image = self.targets(image_logits, self.image_center)
+        q_text = self.targets(text_logits, self.text_center)
+        cross = (-(q_text * log_p_image).sum(-1).mean() - (q_image * log_p_text).sum(-1).mean()) / 2
+        p_image, p_text = log_p_image.exp(), log_p_text.exp()
+        mean_entropy = (entropy(p_image).mean() + entropy(p_text).mean()) / 2
+        entropy_of_mean = (entropy(p_image.mean(0)) + entropy(p_text.mean(0))) / 2
+        if self.training and cfg.balancing == "center":
+            self._update_centers(image_logits, text_logits)
+        return {
+            "cross_modal_loss": cfg.weight * cross,
+            "sharpness_loss": cfg.weight * cfg.lambda_eh * mean_entropy,
+            "diversity_loss": -cfg.weight * cfg.lambda_he * entropy_of_mean,
+        }
+
+    @torch.no_grad()
+    def _update_centers(self, image_logits: torch.Tensor, text_logits: torch.Tensor) -> None:
+        m = self.cfg.center_momentum
+        self.image_center.mul_(m).add_(image_logits.float().mean(0), alpha=1 - m)
+        self.text_center.mul_(m).add_(text_logits.float().mean(0), alpha=1 - m)
+
+
+class ObjectiveLoss(nn.Module):
+    """The configured objective over a model's `forward` outputs (already gathered across ranks)."""
+
+    def __init__(self, objective: str, nclip: NClipConfig, num_clusters: int):
+        super().__init__()
+        self.objective = objective
+        self.nclip = NClipLoss(nclip, num_clusters) if objective in ("nclip", "xclip") else None
+
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        if self.objective in ("clip", "xclip"):
+            terms.update(clip_loss(out["image_embedding"], out["text_embedding"], out["logit_scale"]))
+        if self.nclip is not None:
+            terms.update(self.nclip(out["image_cluster_logits"].float(), out["text_cluster_logits"].float()))
+        return terms
+
+
+@torch.no_grad()
+def collapse_indicators(cluster_logits: torch.Tensor, temp: float) -> dict[str, float]:
+    """Per-batch collapse signs: prototypes that are some sample's argmax, mean entropy, entropy of the mean."""
+    probs = F.softmax(cluster_logits.float() / temp, dim=-1)
+    return {
+        "clusters_used": float(probs.argmax(-1).unique().numel()),
+        "mean_entropy": float(entropy(probs).mean()),
+        "entropy_of_mean": float(entropy(probs.mean(0))),
+    }

@@ -1,0 +1,255 @@
+"""The dual encoder: a ViT image tower, a causal Transformer text tower, a contrastive projection per tower and,
+for nCLIP/xCLIP, a cluster head per tower. Architectures are named JSON configs in `training/configs/`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+OBJECTIVES = ("clip", "nclip", "xclip")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    width: int = 192
+    layers: int = 4
+    heads: int = 3
+    mlp_ratio: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    context_length: int = 24
+    vocab_size: int = 4096
+    width: int = 192
+    layers: int = 3
+    heads: int = 3
+    mlp_ratio: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterHeadConfig:
+    hidden_dim: int = 512
+    bottleneck_dim: int = 128
+    num_clusters: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small"
+    objective: str = "xclip"
+    embed_dim: int = 128
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    cluster_head: ClusterHeadConfig = ClusterHeadConfig()
+    init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+    @property
+    def has_clusters(self) -> bool:
+        return self.objective in ("nclip", "xclip")
+
+    @property
+    def retrieval_dim(self) -> int:
+        """Width of the served embedding: the contrastive projection, or nCLIP's bottleneck when there is none."""
+        return self.embed_dim if self.objective != "nclip" else self.cluster_head.bottleneck_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        data = {k: v for k, v in data.items() if k != "description"}
+        sub = {"vision": VisionConfig, "text": TextConfig, "cluster_head": ClusterHeadConfig}
+        for key, klass in sub.items():
+            if key in data:
+                data[key] = klass(**data[key])
+        return cls(**data)
+
+
+def available_configs() -> list[str]:
+    """Names of the architecture configs shipped in `training/configs/`."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str, **overrides) -> ModelConfig:
+    """A named config (`small`) or a JSON file, with top-level fields overridden (e.g. objective, vocab size)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            raise ValueError(f"unknown model config {name_or_path!r}; available: {available_configs()}")
+    data = json.loads(path.read_text())
+    data.setdefault("name", path.stem)
+    text_overrides = {k: v for k in ("vocab_size", "context_length") if (v := overrides.pop(k, None)) is not None}
+    if text_overrides:
+        data["text"] = {**data["text"], **text_overrides}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig.from_dict(data)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block with fused scaled-dot-product attention."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3×(B, h, T, d)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTower(nn.Module):
+    """ViT: patchify → [CLS] + positions → blocks → LayerNorm of [CLS]; (B, 3, H, W) → (B, width)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError("vision.image_size must be a multiple of vision.patch_size")
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+        n_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.width) * 0.02)
+        self.ln_pre = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, False) for _ in range(cfg.layers))
+        self.ln_post = nn.LayerNorm(cfg.width)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, N, width)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x[:, 0])
+
+
+class TextTower(nn.Module):
+    """Causal Transformer pooled at the end-of-text token; (B, L) int64 → (B, width).
+
+    Padding follows `</s>`, so with a causal mask the pooled token never sees padding."""
+
+    def __init__(self, cfg: TextConfig, eos_id: int = 2):
+        super().__init__()
+        self.eos_id = eos_id
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, cfg.width) * 0.01)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, True) for _ in range(cfg.layers))
+        self.ln_final = nn.LayerNorm(cfg.width)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_final(x)
+        eos_pos = (input_ids == self.eos_id).int().argmax(dim=1)  # first </s> per row
+        return x[torch.arange(x.shape[0]), eos_pos]
+
+
+class ClusterHead(nn.Module):
+    """nCLIP/DINO head: MLP → bottleneck → L2-norm → weight-normalised prototypes; returns (bottleneck, logits).
+
+    Logits are cosines to the K prototypes (weight norm with g fixed to 1, as DINO's `norm_last_layer`),
+    so the temperature alone sets how sharp the cluster distribution is."""
+
+    def __init__(self, in_dim: int, cfg: ClusterHeadConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, cfg.hidden_dim), nn.GELU(),
+            nn.Linear(cfg.hidden_dim, cfg.hidden_dim), nn.GELU(),
+            nn.Linear(cfg.hidden_dim, cfg.bottleneck_dim),
+        )
+        self.prototypes = nn.Parameter(torch.randn(cfg.num_clusters, cfg.bottleneck_dim) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = F.normalize(self.mlp(features), dim=-1)  # (B, bottleneck)
+        return z, z @ F.normalize(self.prototypes, dim=-1).t()  # (B, K) cosine logits
+
+
+class DualEncoder(nn.Module):
+    """CLIP / nCLIP / xCLIP model. `encode_*` give the served embedding; `forward` gives every training output."""
+
+    def __init__(self, cfg: ModelConfig, eos_id: int = 2):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.text = TextTower(cfg.text, eos_id)
+        if cfg.objective != "nclip":  # contrastive latent space
+            self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+            self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
+            self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+        if cfg.has_clusters:  # separate non-contrastive latent space
+            self.image_head = ClusterHead(cfg.vision.width, cfg.cluster_head)
+            self.text_head = ClusterHead(cfg.text.width, cfg.cluster_head)
+        self.apply(_init_weights)
+
+    def _outputs(self, features: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.config.has_clusters:
+            head = self.image_head if modality == "image" else self.text_head
+            out["cluster_feature"], out["cluster_logits"] = head(features)
+        if self.config.objective != "nclip":
+            proj = self.image_proj if modality == "image" else self.text_proj
+            out["embedding"] = proj(features)
+        else:
+            out["embedding"] = out["cluster_feature"]
+        return out
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        emb = self._outputs(self.visual(pixels), "image")["embedding"]
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        emb = self._outputs(self.text(input_ids), "text")["embedding"]
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training outputs: `image_*`/`text_*` embeddings (unnormalised), cluster logits, and `logit_scale`."""
+        out = {f"image_{k}": v for k, v in self._outputs(self.visual(pixels), "image").items()}
+        out.update({f"text_{k}": v for k, v in self._outputs(self.text(input_ids), "text").items()})
+        if self.config.objective != "nclip":
+            out["logit_scale"] = self.logit_scale
+        return out
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+def create_model(name_or_config: str | ModelConfig, **overrides) -> DualEncoder:
+    """One factory: a model from a config name, a JSON path or a ModelConfig."""
+    cfg = name_or_config if isinstance(name_or_config, ModelConfig) else load_config(name_or_config, **overrides)
+    return DualEncoder(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,121 @@
+"""`xclip-serve` command line: data, train, eval, export. Heavy imports (torch) happen inside the commands, so the
+serving install can run the CLI without torch."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Train CLIP / nCLIP / xCLIP dual encoders, export ONNX bundles, serve them.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Fetch and prepare data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+DEFAULT_CACHE = Path(".cache/data")
+SUMMARY_KEYS = ("zeroshot/category/top1", "zeroshot/subcategory/top1", "zeroshot/subcategory/top5",
+                "retrieval/t2i_r1", "retrieval/t2i_r5", "retrieval/t2i_r10", "retrieval/i2t_r1",
+                "linear_probe/subcategory", "linear_probe/category", "clusters/image/clusters_used_frac",
+                "clusters/image/entropy_gap")
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@data_app.command("emoji")
+def data_emoji(cache_dir: Annotated[Path, typer.Option(help="Where the npm pack and the data set go.")] = DEFAULT_CACHE,
+               version: str = "16.0.0", seed: int = 0) -> None:
+    """Fetch emoji-datasource-google with npm and write the folder data set (cached)."""
+    from core.emoji import build_emoji_dataset
+
+    typer.echo(build_emoji_dataset(cache_dir, version=version, seed=seed))
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="Folder with captions.jsonl/csv, or WebDataset shards.")] =
+        str(DEFAULT_CACHE / "emoji-16.0.0"),
+    output: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics, plots).")] = Path("runs/xclip"),
+    model: Annotated[str, typer.Option(help="Architecture config name or JSON path.")] = "small",
+    objective: Annotated[str, typer.Option(help="clip | nclip | xclip")] = "xclip",
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 only where it is fast)")] = "auto",
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N epochs (0: at the end only).")] = 0,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="JSON file of TrainConfig fields (nclip.*, augment.*).")]
+        = None,
+    no_resume: bool = False,
+) -> None:
+    """Train a model; resumes from the run directory's latest checkpoint."""
+    from training.trainer import TrainConfig, resolve_precision
+    from training.trainer import train as run_training
+
+    fields = json.loads(config.read_text()) if config else {}
+    fields.update(data=data, output=str(output), model=model, objective=objective, epochs=epochs,
+                  batch_size=batch_size, lr=lr, seed=seed, precision=resolve_precision(precision),
+                  eval_every=eval_every, max_steps=max_steps, resume=not no_resume)
+    summary = run_training(TrainConfig.from_dict(fields))
+    if summary:
+        print_summary(summary)
+
+
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Option(help="Training run directory.")] = Path("runs/xclip"),
+    output: Annotated[Path, typer.Option(help="Bundle directory to write.")] = Path("bundles/xclip"),
+    data: Annotated[Optional[str], typer.Option(help="Data for real-input parity and the INT8 report.")] = None,
+    int8: Annotated[bool, typer.Option(help="Also write dynamic-quantised INT8 encoders.")] = False,
+    overwrite: bool = False,
+) -> None:
+    """Export a run to an ONNX bundle, gated on torch/ONNX parity."""
+    from training.export import export_bundle, real_parity_inputs
+
+    texts, images = real_parity_inputs(run, data)
+    bundle = export_bundle(run, output, texts, images, overwrite=overwrite)
+    if int8:
+        from training.quantize import add_int8_variant
+
+        report = add_int8_variant(bundle, data)
+        typer.echo(json.dumps(report, indent=1))
+    typer.echo(f"bundle: {bundle.resolve()}")
+
+
+@app.command("eval")
+def evaluate(
+    bundle: Annotated[Path, typer.Option(help="Bundle directory.")],
+    data: Annotated[str, typer.Option(help="Folder data set with labels in captions.jsonl.")],
+    label_set: Annotated[Optional[list[str]], typer.Option(help="Only these label sets.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate (all data when the set has no split).")] = "test",
+    variant: Annotated[str, typer.Option(help="fp32 | int8")] = "fp32",
+    output: Annotated[Optional[Path], typer.Option(help="Write the metrics JSON here.")] = None,
+) -> None:
+    """Evaluate an exported bundle through its ONNX files on any labelled data set."""
+    from training.bundle_eval import evaluate_bundle
+
+    metrics = evaluate_bundle(bundle, data, split=split, label_sets=label_set, variant=variant)
+    if output:
+        output.write_text(json.dumps(metrics, indent=1))
+    print_summary({"eval": metrics})
+
+
+def print_summary(summary: dict) -> None:
+    """A metrics table on stdout."""
+    metrics = summary.get("eval", {})
+    rows = [(k, metrics[k]) for k in SUMMARY_KEYS if k in metrics]
+    rows += [(k, summary[k]) for k in ("samples_per_second", "mfu", "train_seconds") if k in summary]
+    width = max((len(k) for k, _ in rows), default=10)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    app()
