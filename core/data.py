@@ -113,7 +113,7 @@ class _Source:
     urls: tuple[str, ...] = ()
 
 
-Record = Sample | _Rejected
+_Record = Sample | _Rejected
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -261,7 +261,7 @@ def _file_size(url: str) -> int:
         return -1
 
 
-def _read_records(source: _Source, split: str | None) -> Iterator[Record]:
+def _read_records(source: _Source, split: str | None) -> Iterator[_Record]:
     """Samples and rejected records of one source, in file order; records of other splits are left out."""
     if source.kind == "folder":
         return _read_folder(source.path, split)
@@ -270,7 +270,7 @@ def _read_records(source: _Source, split: str | None) -> Iterator[Record]:
     return _read_shards(source.urls, split)
 
 
-def _attempt(build: Callable[..., Sample | None], *args) -> Record | None:
+def _attempt(build: Callable[..., Sample | None], *args) -> _Record | None:
     """Run a record builder, turning its rejection into a value the reader can yield."""
     try:
         return build(*args)
@@ -395,7 +395,7 @@ def _file_sample(obj: dict, root: Path, where: str, split: str | None) -> Sample
     return Sample(key, image, texts, labels, record_split, _clean_group(obj.get("group"), key))
 
 
-def _read_folder(captions: Path, split: str | None) -> Iterator[Record]:
+def _read_folder(captions: Path, split: str | None) -> Iterator[_Record]:
     """Records of `captions.jsonl`, one JSON object per non-blank line; image paths relative to its folder."""
     root = captions.parent.resolve()
     with captions.open("rb") as lines:
@@ -421,7 +421,7 @@ def _jsonl_objects(captions: Path) -> Iterator[dict]:
                 continue
 
 
-def _read_csv(path: Path, split: str | None) -> Iterator[Record]:
+def _read_csv(path: Path, split: str | None) -> Iterator[_Record]:
     """Records of a CSV file with columns image, text, optional split, group and label_<name>."""
     root = path.parent.resolve()
     for where, row in _csv_lines(path):
@@ -531,7 +531,7 @@ def _first_arg(exn: Exception) -> str:
     return f"{type(exn).__name__}: {message}"
 
 
-def _read_shards(urls: Iterable[str], split: str | None) -> Iterator[Record]:
+def _read_shards(urls: Iterable[str], split: str | None) -> Iterator[_Record]:
     """Records of WebDataset shards, one shard after the other."""
     for url in urls:
         errors = _ShardErrors(url)
