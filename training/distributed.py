@@ -50,6 +50,15 @@ def gather_with_local_grad(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor
     return torch.cat(parts, dim=0)
 
 
+def shared_parameter(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """A parameter used directly in the global loss (the logit scale): every rank already computes its full
+    gradient, so its share is scaled by 1/world to undo the loss × world_size of `gather_with_local_grad`."""
+    if info.world_size == 1:
+        return value
+    share = 1.0 / info.world_size
+    return value * share + value.detach() * (1 - share)
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     """Mean of a scalar over ranks (for logging)."""
     if info.world_size == 1:

@@ -15,12 +15,12 @@ EVAL_KEYS = ("retrieval/t2i_r1", "retrieval/i2t_r1", "zeroshot/subcategory/top1"
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(step records, eval records) from a run's metrics.jsonl."""
-    steps, evals = [], []
+    """(step records, eval records) from a run's metrics.jsonl; a step re-run after a resume keeps its last record."""
+    steps, evals = {}, {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        (evals if "eval" in record else steps).append(record)
-    return steps, evals
+        (evals if "eval" in record else steps)[record["step"]] = record
+    return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)]
 
 
 def _plot_series(ax, steps: list[dict], keys: list[str], title: str) -> None:

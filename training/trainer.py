@@ -104,6 +104,7 @@ class RunState:
     total_steps: int
     start_step: int
     bad_records: dict
+    perf: dict
 
 
 def build_tokenizer(model_cfg: ModelConfig, samples, out_dir: Path) -> TextTokenizer:
@@ -140,9 +141,10 @@ def prepare(cfg: TrainConfig) -> RunState:
     loss_fn = ObjectiveLoss(model_cfg.objective, cfg.nclip, model_cfg.cluster_head.num_clusters).to(info.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     start_step = _maybe_resume(cfg, out_dir, model, loss_fn, optimizer)
+    perf = _measure_perf(cfg, model, sampler, info) if info.is_main else {}  # before DDP hooks the parameters
     ddp_model = model if info.world_size == 1 else DistributedDataParallel(model)
     return RunState(cfg, info, out_dir, model_cfg, model, ddp_model, loss_fn, optimizer, sampler, tokenizer,
-                    preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict())
+                    preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict(), perf)
 
 
 def _maybe_resume(cfg: TrainConfig, out_dir: Path, model, loss_fn, optimizer) -> int:
@@ -164,7 +166,8 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
     device_type = "cuda" if info.device.startswith("cuda") else "cpu"
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = run.ddp_model(pixels.to(info.device), input_ids.to(info.device))
-    out = {k: v if v.ndim == 0 else dist_utils.gather_with_local_grad(v.float(), info) for k, v in out.items()}
+    out = {k: dist_utils.gather_with_local_grad(v.float(), info) if v.ndim else
+           dist_utils.shared_parameter(v, info) for k, v in out.items()}
     terms = run.loss_fn(out)
     loss = sum(terms.values())
     (loss * info.world_size).backward()  # DDP averages; the loss already covers the global batch
@@ -176,7 +179,7 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
 
 def _step_record(run: RunState, step: int, lr: float, loss, terms, out, grad_norm) -> dict[str, float]:
     record = {"step": step + 1, "epoch": step / run.sampler.steps_per_epoch, "lr": lr, "loss": float(loss.detach()),
-              "grad_norm": float(grad_norm), **{k: float(v) for k, v in terms.items()}}
+              "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in terms.items()}}
     if "logit_scale" in out:
         record["logit_scale"] = float(out["logit_scale"].detach().exp())
     if "image_cluster_logits" in out:
@@ -190,14 +193,13 @@ def _step_record(run: RunState, step: int, lr: float, loss, terms, out, grad_nor
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the summary also written to `metrics.json`."""
     run = prepare(cfg)
-    perf = _measure_perf(run) if run.info.is_main else {}
     eval_sets = load_eval_sets(cfg.data, cfg.eval_split) if run.info.is_main else None
     metrics_file = (run.out_dir / "metrics.jsonl").open("a") if run.info.is_main else None
     last_step = min(run.total_steps, cfg.max_steps or run.total_steps)
     history = _loop(run, last_step, metrics_file, eval_sets)
     summary = {}
     if run.info.is_main:
-        summary = _finish(run, history, perf, eval_sets, last_step, metrics_file)
+        summary = _finish(run, history, eval_sets, last_step, metrics_file)
     dist_utils.barrier(run.info)
     dist_utils.cleanup(run.info)
     return summary
@@ -250,17 +252,17 @@ def _evaluate(run: RunState, step: int, eval_sets, metrics_file) -> dict:
     return record
 
 
-def _measure_perf(run: RunState) -> dict:
+def _measure_perf(cfg: TrainConfig, model: DualEncoder, sampler: BatchSampler, info) -> dict:
     """FLOPs per sample and the matmul peak of the training dtype, measured once before training."""
-    pixels, ids = run.sampler.batch(0)
+    pixels, ids = sampler.batch(0)
     n = min(8, pixels.shape[0])
-    flops = training_flops_per_sample(run.model, pixels[:n].to(run.info.device), ids[:n].to(run.info.device))
-    dtype = torch.bfloat16 if run.cfg.precision == "bf16" else torch.float32
+    flops = training_flops_per_sample(model, pixels[:n].to(info.device), ids[:n].to(info.device))
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return {"flops_per_sample": flops, "matmul_peak_flops": measure_matmul_peak(dtype),
-            "parameters": count_parameters(run.model)}
+            "parameters": count_parameters(model)}
 
 
-def _finish(run: RunState, history: dict, perf: dict, eval_sets, last_step: int, metrics_file) -> dict:
+def _finish(run: RunState, history: dict, eval_sets, last_step: int, metrics_file) -> dict:
     """Final checkpoint, final evaluation, summary metrics and plots."""
     from training.plots import plot_run
 
@@ -268,14 +270,15 @@ def _finish(run: RunState, history: dict, perf: dict, eval_sets, last_step: int,
     final = history["evals"][-1] if history["evals"] and history["evals"][-1]["step"] == last_step else None
     final = final or _evaluate(run, last_step, eval_sets, metrics_file)
     metrics_file.close()
-    summary = _summary(run, history, perf, final, last_step)
+    summary = _summary(run, history, final, last_step)
     (run.out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     plot_run(run.out_dir)
     _warn_if_collapsed(summary)
     return summary
 
 
-def _summary(run: RunState, history: dict, perf: dict, final: dict, last_step: int) -> dict:
+def _summary(run: RunState, history: dict, final: dict, last_step: int) -> dict:
+    perf = run.perf
     seconds = history["train_seconds"]
     rate = history["samples"] / seconds if seconds else 0.0
     achieved = rate * perf["flops_per_sample"]

@@ -1,0 +1,187 @@
+"""Export of a trained run to a bundle: files, torch/ONNX parity, the parity gate, integrity, INT8 twins, eval CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from core import data as datasets
+from core.bundle import BundleIntegrityError, load_bundle
+from core.onnx_encoder import OnnxEncoder
+from training import export
+from training.encoders import TorchEncoder
+from training.losses import NClipConfig
+from training.quantize import add_int8_variant
+from training.trainer import TrainConfig, train
+from xclip_serve.cli import app
+
+BUNDLE_FILES = {"config.json", "model.safetensors", "tokenizer.json", "preprocess.json", "label_sets.json",
+                "image_encoder.onnx", "text_encoder.onnx", "manifest.json"}
+INT8_MIN_MEAN_COSINE = 0.999  # observed ≥ 0.9999 on the tiny model, images and texts alike
+INT8_MIN_COSINE = 0.99  # observed ≥ 0.9998
+
+
+def train_run(data: Path, out: Path, objective: str, **overrides) -> Path:
+    """A tiny model trained for a few steps on `data`; returns its run directory."""
+    train(TrainConfig(data=str(data), output=str(out), model="tiny", objective=objective, batch_size=8,
+                      progress=False, **{"epochs": 1, "max_steps": 2, **overrides}))
+    return out
+
+
+def export_run(run: Path, data: Path, out: Path, **kwargs) -> Path:
+    """The CLI's export path: parity on real held-out samples of `data`."""
+    texts, images = export.real_parity_inputs(run, str(data))
+    return export.export_bundle(run, out, texts, images, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def run_dir(shapes_data, tmp_path_factory) -> Path:
+    return train_run(shapes_data, tmp_path_factory.mktemp("export") / "run", "xclip", epochs=2, max_steps=None)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(run_dir, shapes_data) -> Path:
+    return export_run(run_dir, shapes_data, run_dir.parent / "bundle")
+
+
+@pytest.fixture
+def bundle_copy(bundle_dir, tmp_path) -> Path:
+    """A private copy of the bundle for tests that change it."""
+    return Path(shutil.copytree(bundle_dir, tmp_path / "bundle"))
+
+
+def test_bundle_has_every_file_and_a_complete_config(bundle_dir):
+    assert {p.name for p in bundle_dir.iterdir()} == BUNDLE_FILES
+    bundle = load_bundle(bundle_dir)
+    assert (bundle.objective, bundle.embed_dim, bundle.num_clusters) == ("xclip", 32, 64)
+    assert bundle.logit_scale > 0
+    assert all(bundle.config["parity"][m]["passed"] for m in ("image", "text"))
+
+
+def test_onnx_matches_torch_on_real_data(bundle_dir, run_dir, shapes_data):
+    model, meta, tokenizer, preprocess = export.load_run(run_dir)
+    torch_encoder = TorchEncoder(model, tokenizer, preprocess, NClipConfig(**meta["train"]["nclip"]).student_temp)
+    onnx_encoder = OnnxEncoder(load_bundle(bundle_dir), providers="cpu")
+    samples, _ = datasets.load_samples(str(shapes_data))
+    images, texts = [s.image for s in samples], [t for s in samples for t in s.texts]
+    for encode in ("encode_images", "encode_texts"):
+        inputs = images if encode == "encode_images" else texts
+        expected, got = getattr(torch_encoder, encode)(inputs), getattr(onnx_encoder, encode)(inputs)
+        assert set(got) == {"embedding", "cluster_probs"}
+        for name in got:
+            assert np.abs(got[name] - expected[name]).max() <= 1e-4, (encode, name)
+
+
+def test_bundle_failing_parity_is_not_written(run_dir, shapes_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)
+    out = tmp_path / "bundle"
+    with pytest.raises(export.ExportParityError):
+        export_run(run_dir, shapes_data, out)
+    assert not out.exists() and not (tmp_path / ".bundle.partial").exists()
+
+
+def test_export_refuses_to_overwrite_unless_asked(run_dir, shapes_data, bundle_copy):
+    (bundle_copy / "stale.txt").write_text("left by a previous export")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_run(run_dir, shapes_data, bundle_copy)
+    export_run(run_dir, shapes_data, bundle_copy, overwrite=True)
+    assert {p.name for p in bundle_copy.iterdir()} == BUNDLE_FILES
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda b: _flip_byte(b / "text_encoder.onnx"), "altered: text_encoder.onnx"),
+    (lambda b: (b / "extra.onnx").write_bytes(b"\0"), "unexpected: extra.onnx"),
+    (lambda b: (b / "label_sets.json").unlink(), "missing: label_sets.json"),
+])
+def test_tampered_bundle_is_refused(bundle_copy, tamper, message):
+    tamper(bundle_copy)
+    with pytest.raises(BundleIntegrityError, match=message):
+        load_bundle(bundle_copy)
+
+
+def _flip_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_bundle_holds_no_pickle(bundle_dir, run_dir):
+    for path in bundle_dir.iterdir():
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".onnx":
+            onnx.checker.check_model(onnx.load(str(path)))
+        else:
+            assert path.name == "model.safetensors", f"unexpected file kind {path.name}"
+            header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+            json.loads(path.read_bytes()[8:8 + header_len])
+    weights = load_file(bundle_dir / "model.safetensors")
+    trained = export.load_run(run_dir)[0].state_dict()
+    assert weights.keys() == trained.keys()
+    assert all(bool((weights[k] == trained[k]).all()) for k in weights)
+
+
+@pytest.mark.parametrize("objective", ["clip", "nclip"])
+def test_objective_decides_the_outputs(objective, shapes_data, tmp_path):
+    bundle = load_bundle(export_run(train_run(shapes_data, tmp_path / "run", objective), shapes_data,
+                                    tmp_path / "bundle"))
+    outputs = {m: [o.name for o in ort.InferenceSession(str(bundle.onnx_path(m))).get_outputs()]
+               for m in ("image", "text")}
+    encoded = OnnxEncoder(bundle, providers="cpu").encode_texts(["red circle", "blue square"])
+    if objective == "clip":
+        assert bundle.num_clusters == 0 and outputs == {"image": ["embedding"], "text": ["embedding"]}
+        assert set(encoded) == {"embedding"}
+    else:
+        assert bundle.num_clusters > 0 and all(names == ["embedding", "cluster_probs"] for names in outputs.values())
+        np.testing.assert_allclose(encoded["cluster_probs"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_variant_is_close_to_fp32_and_verifies(bundle_copy, shapes_data):
+    report = add_int8_variant(bundle_copy, str(shapes_data))
+    bundle = load_bundle(bundle_copy)
+    assert bundle.config["int8"] == json.loads(json.dumps(report))
+    for modality in ("image", "text"):
+        assert bundle.onnx_path(modality, "int8").is_file()
+        assert report["bytes"][modality]["int8"] < report["bytes"][modality]["fp32"]
+        assert report["cosine"][modality]["mean"] >= INT8_MIN_MEAN_COSINE, report["cosine"]
+        assert report["cosine"][modality]["min"] >= INT8_MIN_COSINE, report["cosine"]
+    assert report["inputs"]["source"] == "data:test"
+    assert {"zeroshot/colour/top1", "zeroshot/shape/top1"} <= set(report["zeroshot_top1"])
+    encoded = OnnxEncoder(bundle, providers="cpu", variant="int8").encode_texts(["red circle"])
+    assert encoded["embedding"].shape == (1, bundle.embed_dim)
+
+
+def test_int8_variant_without_data_uses_random_inputs(bundle_copy):
+    report = add_int8_variant(bundle_copy, None)
+    assert report["inputs"]["source"] == "random" and "zeroshot_top1" not in report
+    assert min(c["mean"] for c in report["cosine"].values()) >= INT8_MIN_MEAN_COSINE
+    load_bundle(bundle_copy)
+
+
+def test_failed_int8_run_leaves_the_fp32_bundle_intact(bundle_copy, monkeypatch):
+    import training.quantize as quantize
+
+    monkeypatch.setattr(quantize, "int8_report", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        add_int8_variant(bundle_copy, None)
+    assert {p.name for p in bundle_copy.iterdir()} == BUNDLE_FILES
+    load_bundle(bundle_copy)
+
+
+def test_eval_cli_writes_metrics(bundle_dir, shapes_data, tmp_path):
+    out = tmp_path / "metrics.json"
+    result = CliRunner().invoke(app, ["eval", "--bundle", str(bundle_dir), "--data", str(shapes_data),
+                                      "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert 0.0 <= metrics["zeroshot/colour/top1"] <= 1.0
+    assert {"retrieval/t2i_r1", "retrieval/i2t_r1"} <= set(metrics)

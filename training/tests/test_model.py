@@ -1,0 +1,212 @@
+"""Tests for the dual encoder: named configs, embedding shapes, end-of-text pooling, batch/single parity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.model import CONFIG_DIR, DualEncoder, available_configs, create_model, load_config
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> dict[str, DualEncoder]:
+    torch.manual_seed(0)
+    return {obj: DualEncoder(load_config("tiny", objective=obj)).eval() for obj in ("clip", "nclip", "xclip")}
+
+
+def random_pixels(batch: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def random_ids(eos_positions: list[int], length: int = 16, seed: int = 0) -> torch.Tensor:
+    """(B, L) ids ≥ 3 with one </s> per row at the given positions."""
+    ids = torch.randint(3, 512, (len(eos_positions), length), generator=torch.Generator().manual_seed(seed))
+    ids[torch.arange(len(eos_positions)), torch.tensor(eos_positions)] = EOS
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+
+def test_shipped_configs_are_listed():
+    assert {"tiny", "small", "base"} <= set(available_configs())
+
+
+@pytest.mark.parametrize(
+    "name, vision, text",
+    [
+        ("tiny", (16, 8, 32, 1), (16, 512, 32, 1)),
+        ("small", (32, 4, 192, 4), (24, 4096, 192, 3)),
+        # CLIP ViT-B/16 image tower, 12-layer text tower
+        ("base", (224, 16, 768, 12), (77, 49408, 512, 12)),
+    ],
+)
+def test_config_shapes(name, vision, text):
+    cfg = load_config(name)
+    assert cfg.name == name and cfg.objective == "xclip"
+    v, t = cfg.vision, cfg.text
+    assert (v.image_size, v.patch_size, v.width, v.layers) == vision
+    assert (t.context_length, t.vocab_size, t.width, t.layers) == text
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_named_config_builds_a_model(name):
+    model = create_model(name)
+    cfg = model.config
+    n_patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    assert model.visual.pos_embed.shape == (1, n_patches + 1, cfg.vision.width)
+    assert model.text.token_embed.weight.shape == (cfg.text.vocab_size, cfg.text.width)
+    assert len(model.visual.blocks) == cfg.vision.layers and len(model.text.blocks) == cfg.text.layers
+    assert model.image_head.prototypes.shape == (cfg.cluster_head.num_clusters, cfg.cluster_head.bottleneck_dim)
+
+
+def test_unknown_config_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"'huge'.*available.*base.*small.*tiny"):
+        load_config("huge")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"objective": "clip"}, {"objective": "clip", "vocab_size": 512, "context_length": 16}),
+        ({"vocab_size": 300}, {"objective": "xclip", "vocab_size": 300, "context_length": 16}),
+        ({"context_length": 8, "objective": "nclip"}, {"objective": "nclip", "vocab_size": 512, "context_length": 8}),
+        ({"objective": None, "vocab_size": None}, {"objective": "xclip", "vocab_size": 512, "context_length": 16}),
+    ],
+)
+def test_overrides_apply(overrides, expected):
+    cfg = load_config("tiny", **overrides)
+    got = {"objective": cfg.objective, "vocab_size": cfg.text.vocab_size, "context_length": cfg.text.context_length}
+    assert got == expected
+    model = DualEncoder(cfg)
+    assert model.text.token_embed.num_embeddings == expected["vocab_size"]
+    assert model.text.pos_embed.shape[1] == expected["context_length"]
+
+
+def test_config_from_a_json_path(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({**json.loads((CONFIG_DIR / "tiny.json").read_text()), "embed_dim": 24}))
+    cfg = load_config(str(path), objective="clip")
+    assert (cfg.name, cfg.embed_dim, cfg.objective, cfg.vision.width) == ("mine", 24, "clip", 32)
+
+
+def test_invalid_objective_is_rejected():
+    with pytest.raises(ValueError, match="objective"):
+        load_config("tiny", objective="simclr")
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+
+
+@pytest.mark.parametrize("objective, dim", [("clip", 32), ("nclip", 16), ("xclip", 32)])
+def test_embedding_shapes_and_normalisation(tiny_models, objective, dim):
+    model = tiny_models[objective]
+    assert model.config.retrieval_dim == dim
+    with torch.no_grad():
+        for emb in (model.encode_image(random_pixels(3)), model.encode_text(random_ids([4, 15, 1]))):
+            assert emb.shape == (3, dim)
+        for emb in (model.encode_image(random_pixels(3), normalize=True),
+                    model.encode_text(random_ids([4, 15, 1]), normalize=True)):
+            torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+
+
+def test_unnormalised_clip_embeddings_are_not_unit_norm(tiny_models):
+    with torch.no_grad():
+        norms = tiny_models["clip"].encode_image(random_pixels(3)).norm(dim=-1)
+    assert not torch.allclose(norms, torch.ones(3), atol=1e-2)  # so the normalize=True case above tests something
+
+
+@pytest.mark.parametrize(
+    "objective, present, absent",
+    [
+        ("clip", {"logit_scale", "image_proj", "text_proj"}, {"image_head", "text_head"}),
+        ("nclip", {"image_head", "text_head"}, {"logit_scale", "image_proj", "text_proj"}),
+        ("xclip", {"logit_scale", "image_proj", "text_proj", "image_head", "text_head"}, set()),
+    ],
+)
+def test_objective_decides_the_heads(tiny_models, objective, present, absent):
+    model = tiny_models[objective]
+    assert all(hasattr(model, name) for name in present)
+    assert not any(hasattr(model, name) for name in absent)
+
+
+def test_nclip_embedding_is_the_cluster_bottleneck(tiny_models):
+    model, pixels, ids = tiny_models["nclip"], random_pixels(2), random_ids([3, 7])
+    with torch.no_grad():
+        out = model(pixels, ids)
+        torch.testing.assert_close(model.encode_image(pixels), out["image_cluster_feature"])
+        torch.testing.assert_close(model.encode_text(ids), out["text_cluster_feature"])
+    assert out["image_embedding"].shape == (2, model.config.cluster_head.bottleneck_dim)
+    assert "logit_scale" not in out
+
+
+@pytest.mark.parametrize(
+    "objective, keys",
+    [
+        ("clip", {"image_embedding", "text_embedding", "logit_scale"}),
+        ("nclip", {"image_embedding", "text_embedding", "image_cluster_feature", "text_cluster_feature",
+                   "image_cluster_logits", "text_cluster_logits"}),
+        ("xclip", {"image_embedding", "text_embedding", "logit_scale", "image_cluster_feature",
+                   "text_cluster_feature", "image_cluster_logits", "text_cluster_logits"}),
+    ],
+)
+def test_forward_outputs(tiny_models, objective, keys):
+    with torch.no_grad():
+        out = tiny_models[objective](random_pixels(2), random_ids([3, 7]))
+    assert set(out) == keys
+    if "image_cluster_logits" in out:
+        assert out["image_cluster_logits"].shape == (2, 64)
+        assert out["image_cluster_logits"].abs().max() <= 1 + 1e-5  # cosines to the prototypes
+
+
+# ---------------------------------------------------------------------------------------------------- text pooling
+
+
+def text_embedding(model: DualEncoder, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode_text(ids)
+
+
+@pytest.mark.parametrize(
+    "eos_at, changed_at, changes_embedding",
+    [
+        (5, [6, 7, 15], False),  # padding after </s>
+        (5, [9, 10], False),
+        (0, [1, 15], False),
+        (14, [15], False),
+        (5, [4], True),  # a token of the text itself
+        (5, [0], True),
+        (15, [3], True),
+    ],
+)
+def test_text_pools_at_first_eos(tiny_models, eos_at, changed_at, changes_embedding):
+    ids = random_ids([eos_at], seed=eos_at)
+    changed = ids.clone()
+    changed[0, changed_at] = torch.where(ids[0, changed_at] == 3, 4, 3)
+    model = tiny_models["xclip"]
+    differs = not torch.allclose(text_embedding(model, ids), text_embedding(model, changed), atol=1e-6)
+    assert differs == changes_embedding
+
+
+def test_a_second_eos_in_the_padding_is_ignored(tiny_models):
+    ids = random_ids([4])
+    changed = ids.clone()
+    changed[0, 9] = EOS
+    model = tiny_models["clip"]
+    torch.testing.assert_close(text_embedding(model, changed), text_embedding(model, ids), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- batch == singles
+
+
+@pytest.mark.parametrize("objective", ["clip", "nclip", "xclip"])
+def test_batch_equals_one_by_one(tiny_models, objective):
+    model, pixels, ids = tiny_models[objective], random_pixels(4, seed=1), random_ids([2, 15, 6, 9], seed=1)
+    with torch.no_grad():
+        for encode, inputs in ((model.encode_image, pixels), (model.encode_text, ids)):
+            singles = torch.cat([encode(x[None]) for x in inputs])
+            torch.testing.assert_close(encode(inputs), singles, atol=1e-5, rtol=0)

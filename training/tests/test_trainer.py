@@ -1,0 +1,92 @@
+"""Training loop behaviour a user relies on: exact resume after an interruption, and DDP == one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import trainer
+from training.optim import latest_checkpoint
+from training.plots import read_metrics
+from training.trainer import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(data: Path, output: Path, **overrides) -> TrainConfig:
+    fields = dict(data=str(data), output=str(output), model="tiny", objective="xclip", epochs=3, batch_size=8,
+                  warmup_steps=2, checkpoint_every=2, progress=False, lr=2e-3)
+    return TrainConfig(**{**fields, **overrides})
+
+
+def losses(run_dir: Path) -> list[tuple[int, float, float]]:
+    steps, _ = read_metrics(run_dir)
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in steps]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors")
+
+
+def test_resume_after_crash_reproduces_uninterrupted_curve(shapes_data, tmp_path, monkeypatch):
+    train(tiny_config(shapes_data, tmp_path / "straight"))
+    real_step = trainer.train_step
+
+    def crash_at_step_6(run, step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_step(run, step)
+
+    monkeypatch.setattr(trainer, "train_step", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(shapes_data, tmp_path / "resumed"))
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step_0000004"
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    train(tiny_config(shapes_data, tmp_path / "resumed"))
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert [s for s, *_ in resumed] == list(range(1, 10))
+    assert resumed == straight  # bit-identical loss and gradient-norm curves
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_resume_starts_over(shapes_data, tmp_path):
+    train(tiny_config(shapes_data, tmp_path / "run", max_steps=2))
+    train(tiny_config(shapes_data, tmp_path / "run", max_steps=2, resume=False))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" not in r] == [1, 2, 1, 2]
+
+
+def _torchrun(config: TrainConfig, nproc: int, tmp_path: Path) -> None:
+    cfg_file = tmp_path / f"cfg{nproc}.json"
+    cfg_file.write_text(json.dumps(config.to_dict()))
+    script = "import json,sys; from training.trainer import TrainConfig, train; " \
+             "train(TrainConfig.from_dict(json.load(open(sys.argv[1]))))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", "--no-python",
+           sys.executable, "-c", script, str(cfg_file)]
+    subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize("objective", ["clip", "xclip"])
+def test_two_process_ddp_matches_single_process(shapes_data, tmp_path, objective):
+    common = dict(objective=objective, max_steps=3, epochs=1, checkpoint_every=100)
+    _torchrun(tiny_config(shapes_data, tmp_path / "single", **common), 1, tmp_path)
+    _torchrun(tiny_config(shapes_data, tmp_path / "ddp", **common), 2, tmp_path)
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert len(single) == 3
+    for (s1, loss1, grad1), (s2, loss2, grad2) in zip(single, ddp):
+        assert s1 == s2
+        assert loss2 == pytest.approx(loss1, rel=1e-5, abs=1e-6)
+        assert grad2 == pytest.approx(grad1, rel=1e-4)
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
