@@ -65,17 +65,16 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
 
 
-@torch.no_grad()
 def sinkhorn(scores: torch.Tensor, iters: int) -> torch.Tensor:
-    """SwAV's Sinkhorn-Knopp: (B, K) scores → assignments whose rows sum to 1 and whose clusters share mass equally."""
-    q = torch.exp(scores.float() - scores.max()).t()  # (K, B)
-    q /= q.sum()
+    """SwAV's Sinkhorn-Knopp: (B, K) scores → assignments whose rows sum to 1 and whose clusters share mass equally.
+
+    Differentiable; `NClipLoss.targets` detaches the result when `stop_gradient` is set."""
+    q = torch.exp(scores.float() - scores.max().detach()).t()  # (K, B)
+    q = q / q.sum()
     n_clusters, batch = q.shape
     for _ in range(iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= n_clusters
-        q /= q.sum(dim=0, keepdim=True)
-        q /= batch
+        q = q / q.sum(dim=1, keepdim=True) / n_clusters
+        q = q / q.sum(dim=0, keepdim=True) / batch
     return (q * batch).t()
 
 
@@ -129,6 +128,8 @@ class ObjectiveLoss(nn.Module):
 
     def __init__(self, objective: str, nclip: NClipConfig, num_clusters: int):
         super().__init__()
+        if objective not in ("clip", "nclip", "xclip"):
+            raise ValueError(f"objective must be clip, nclip or xclip, got {objective!r}")
         self.objective = objective
         self.nclip = NClipLoss(nclip, num_clusters) if objective in ("nclip", "xclip") else None
 

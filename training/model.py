@@ -72,6 +72,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         data = {k: v for k, v in data.items() if k != "description"}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         sub = {"vision": VisionConfig, "text": TextConfig, "cluster_head": ClusterHeadConfig}
         for key, klass in sub.items():
             if key in data:
@@ -166,7 +169,9 @@ class TextTower(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.ln_final(x)
-        eos_pos = (input_ids == self.eos_id).int().argmax(dim=1)  # first </s> per row
+        is_eos = input_ids == self.eos_id
+        last = torch.full_like(input_ids[:, 0], input_ids.shape[1] - 1)
+        eos_pos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), last)  # first </s>, else the end
         return x[torch.arange(x.shape[0]), eos_pos]
 
 

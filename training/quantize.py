@@ -70,15 +70,20 @@ def int8_report(bundle: Bundle, data: str | None) -> dict:
         **embedding_agreement(bundle, inputs),
     }
     if data:
-        report["zeroshot_top1"] = zeroshot_change(bundle.path, data)
+        report["zeroshot_top1"] = zeroshot_change(bundle.path, data, held_out_split(data))
     return report
+
+
+def held_out_split(data: str) -> str | None:
+    """The test split, else the val split, else None (all of the data)."""
+    present = datasets.splits_present(data)
+    return next((split for split in HELD_OUT_SPLITS if split in present), None)
 
 
 def measurement_inputs(bundle: Bundle, data: str | None, seed: int = 0) -> tuple[str, dict[str, np.ndarray]]:
     """(source, inputs): held-out images and captions of `data`, else noise images and label-set prompts."""
     if data:
-        present = datasets.splits_present(data)
-        split = next((s for s in HELD_OUT_SPLITS if s in present), None)
+        split = held_out_split(data)
         samples = list(islice(datasets.iter_samples(data, split=split), MAX_INPUTS))
         texts = [text for s in samples for text in s.texts][:MAX_INPUTS]
         pixels = preprocess_batch([s.image for s in samples], bundle.preprocess)
@@ -104,11 +109,12 @@ def embedding_agreement(bundle: Bundle, inputs: dict[str, np.ndarray]) -> dict:
     return {"cosine": cosine, **({"cluster_argmax_agreement": clusters} if clusters else {})}
 
 
-def zeroshot_change(bundle_dir: Path, data: str) -> dict:
+def zeroshot_change(bundle_dir: Path, data: str, split: str | None) -> dict:
     """`zeroshot/<set>/top1` of fp32 and int8 through `eval --bundle`'s routine, and their difference."""
     from training.bundle_eval import evaluate_bundle
 
-    fp32, int8 = (evaluate_bundle(bundle_dir, data, variant=v) for v in ("fp32", "int8"))
+    split = split or "test"  # evaluate_bundle reads all of the data when the split is absent
+    fp32, int8 = (evaluate_bundle(bundle_dir, data, split=split, variant=v) for v in ("fp32", "int8"))
     keys = sorted(k for k in fp32 if k.startswith("zeroshot/") and k.endswith("/top1"))
     return {k: {"fp32": fp32[k], "int8": int8[k], "delta": int8[k] - fp32[k]} for k in keys}
 

@@ -167,10 +167,12 @@ def test_sinkhorn_converges_regardless_of_per_sample_offsets():
     torch.testing.assert_close(sinkhorn(shifted, 200), sinkhorn(scores, 200))
 
 
-def test_sinkhorn_carries_no_gradient():
-    scores = torch.randn(4, 3, requires_grad=True)
-    q = sinkhorn(scores, 3)
-    assert not q.requires_grad and q.grad_fn is None
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_sinkhorn_targets_carry_gradient_only_without_stop_gradient(stop_gradient):
+    logits = torch.randn(4, 3, requires_grad=True)
+    loss = NClipLoss(NClipConfig(balancing="sinkhorn", stop_gradient=stop_gradient), 3)
+    q = loss.targets(logits, loss.image_center)
+    assert q.requires_grad is not stop_gradient
 
 
 # ---------------------------------------------------------------------------------------------------- NClipLoss

@@ -210,3 +210,12 @@ def test_batch_equals_one_by_one(tiny_models, objective):
         for encode, inputs in ((model.encode_image, pixels), (model.encode_text, ids)):
             singles = torch.cat([encode(x[None]) for x in inputs])
             torch.testing.assert_close(encode(inputs), singles, atol=1e-5, rtol=0)
+
+
+def test_text_without_eos_pools_at_the_last_position():
+    model = DualEncoder(load_config("tiny")).eval()
+    ids = torch.randint(3, 200, (1, 16))
+    changed = ids.clone()
+    changed[0, 10] = 3 if ids[0, 10] != 3 else 4
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_text(ids), model.encode_text(changed))

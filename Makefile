@@ -1,0 +1,47 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CACHE  ?= .cache/data
+DATA   ?= $(CACHE)/emoji-16.0.0
+OBJECTIVE ?= xclip
+MODEL  ?= small
+EPOCHS ?= 30
+SEED   ?= 0
+RUN    ?= runs/$(OBJECTIVE)
+BUNDLE ?= bundles/$(OBJECTIVE)
+
+.PHONY: install demo data train export eval test lint bench-objectives clean
+
+$(BIN)/xclip-serve: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[train,serve,dev]'
+	touch $@
+
+install: $(BIN)/xclip-serve
+
+## data → train → eval → export for the embedded emoji data set (OBJECTIVE=clip|nclip|xclip)
+demo: install
+	$(BIN)/xclip-serve data emoji --cache-dir $(CACHE)
+	$(BIN)/xclip-serve train --data $(DATA) --output $(RUN) --model $(MODEL) --objective $(OBJECTIVE) \
+		--epochs $(EPOCHS) --seed $(SEED) --no-resume
+	$(BIN)/xclip-serve export --run $(RUN) --output $(BUNDLE) --data $(DATA) --overwrite
+	$(BIN)/xclip-serve eval --bundle $(BUNDLE) --data $(DATA) --split test --output $(BUNDLE)-test-metrics.json
+	@echo "bundle:  $(abspath $(BUNDLE))"
+	@echo "plots:   $(abspath $(RUN))/plots"
+	@echo "metrics: $(abspath $(BUNDLE))-test-metrics.json (test split, through ONNX)"
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check core training xclip_serve bench
+
+## 3 objectives × 3 seeds on the demo budget → docs/BENCHMARKS.md (about 90 minutes on 2 cores)
+bench-objectives: install
+	$(BIN)/xclip-serve data emoji --cache-dir $(CACHE)
+	$(BIN)/python bench/objectives.py --data $(DATA) --seeds 0 1 2
+
+clean:
+	rm -rf runs bundles

@@ -1,0 +1,117 @@
+"""CLIP vs nCLIP vs xCLIP on the emoji data at the demo budget, several seeds each: train → export → eval (through
+ONNX, test split) and nCLIP cluster statistics on all held-out images (val + test). Prints a table and writes the
+`objectives` section of docs/BENCHMARKS.md.
+
+    python bench/objectives.py --data .cache/data/emoji-16.0.0 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import markdown_table, write_section  # noqa: E402
+
+OBJECTIVES = ("clip", "nclip", "xclip")
+COLUMNS = {  # metric key → column title
+    "retrieval/t2i_r1": "t→i R@1", "retrieval/t2i_r5": "t→i R@5", "retrieval/t2i_r10": "t→i R@10",
+    "retrieval/i2t_r1": "i→t R@1", "zeroshot/category/top1": "ZS cat top1",
+    "zeroshot/subcategory/top1": "ZS subcat top1", "zeroshot/subcategory/top5": "ZS subcat top5",
+    "linear_probe/subcategory": "LP subcat", "linear_probe/category": "LP cat",
+}
+CLUSTER_COLUMNS = {"clusters_used_frac": "clusters used (held-out)", "entropy_gap": "H(mean)−mean H (nats)"}
+TIME_COLUMNS = {"wall_seconds": "wall s (train+export+eval)", "samples_per_second": "samples/s", "mfu": "MFU"}
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "xclip_serve.cli", *args], check=True)
+
+
+def heldout_cluster_stats(bundle: Path, data: str) -> dict:
+    """Cluster statistics of the image tower over every held-out (val + test) image."""
+    from core import data as datasets
+    from core.bundle import load_bundle
+    from core.metrics import cluster_stats
+    from core.onnx_encoder import OnnxEncoder
+
+    b = load_bundle(bundle)
+    if not b.has_clusters:
+        return {}
+    images = [s.image for split in ("val", "test") for s in datasets.iter_samples(data, split=split)]
+    stats = cluster_stats(OnnxEncoder(b, providers="cpu").encode_images(images)["cluster_probs"])
+    return {k: stats[k] for k in ("clusters_used", "clusters_used_frac", "mean_entropy", "entropy_of_mean",
+                                  "entropy_gap")}
+
+
+def run_one(objective: str, seed: int, args) -> dict:
+    """Train, export and evaluate one (objective, seed); returns its metrics."""
+    run, bundle = Path(args.work) / f"{objective}-s{seed}", Path(args.work) / f"{objective}-s{seed}-bundle"
+    metrics_file = Path(args.work) / f"{objective}-s{seed}-test.json"
+    start = time.perf_counter()
+    cli("train", "--data", args.data, "--output", str(run), "--model", args.model, "--objective", objective,
+        "--epochs", str(args.epochs), "--seed", str(seed), "--no-resume")
+    cli("export", "--run", str(run), "--output", str(bundle), "--data", args.data, "--overwrite")
+    cli("eval", "--bundle", str(bundle), "--data", args.data, "--split", "test", "--output", str(metrics_file))
+    wall = time.perf_counter() - start
+    summary = json.loads((run / "metrics.json").read_text())
+    return {**json.loads(metrics_file.read_text()), "wall_seconds": wall,
+            "samples_per_second": summary["samples_per_second"], "mfu": summary["mfu"],
+            **{f"heldout/{k}": v for k, v in heldout_cluster_stats(bundle, args.data).items()}}
+
+
+def mean_spread(values: list[float], percent: bool) -> str:
+    scale = 100 if percent else 1
+    mean = statistics.fmean(values) * scale
+    spread = (max(values) - min(values)) * scale / 2 if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {spread:.1f}" if percent or mean >= 10 else f"{mean:.3f} ± {spread:.3f}"
+
+
+def table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
+    headers = ["objective", *COLUMNS.values(), *CLUSTER_COLUMNS.values(), *TIME_COLUMNS.values()]
+    rows = []
+    for objective, runs in results.items():
+        row = [objective]
+        row += [mean_spread([r[k] for r in runs], True) if k in runs[0] else "–" for k in COLUMNS]
+        row += [mean_spread([r[f"heldout/{k}"] for r in runs], k.endswith("frac"))
+                if f"heldout/{k}" in runs[0] else "–" for k in CLUSTER_COLUMNS]
+        row += [mean_spread([r[k] for r in runs], k == "mfu") for k in TIME_COLUMNS]
+        rows.append(row)
+    return headers, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=".cache/data/emoji-16.0.0")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--work", default="runs/bench-objectives")
+    args = parser.parse_args()
+    results_file = Path(args.work) / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for objective in args.objectives:
+        for seed in args.seeds:
+            key = f"{objective}/{seed}"
+            if key not in results:  # resumable: finished runs are kept
+                results[key] = run_one(objective, seed, args)
+                results_file.write_text(json.dumps(results, indent=1))
+    grouped = {o: [results[f"{o}/{s}"] for s in args.seeds] for o in args.objectives}
+    headers, rows = table(grouped)
+    text = markdown_table(headers, rows)
+    print(text)
+    note = (f"Model `{args.model}`, {args.epochs} epochs, batch 256, seeds {args.seeds}; mean ± half-range over "
+            "seeds. Retrieval, zero-shot and linear probe (LP) on the test split (held-out emoji), through the "
+            "exported ONNX files; cluster statistics of the image tower over all held-out images (val + test).\n\n")
+    write_section("objectives", "Objectives: CLIP vs nCLIP vs xCLIP (emoji, demo budget)", note + text)
+
+
+if __name__ == "__main__":
+    main()
