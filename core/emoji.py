@@ -28,7 +28,7 @@ from core.preprocess import ImageDecodeError, load_image
 
 logger = logging.getLogger(__name__)
 
-BUILD_FORMAT = 1  # bump when captions, labels, splits or images change: cached builds are then redone
+BUILD_FORMAT = 2  # bump when captions, labels, splits or images change: cached builds are then redone
 PACKAGE = "emoji-datasource-google"
 EMOJI_JSON = "package/emoji.json"
 IMAGE_DIR = "package/img/google/64/"
@@ -230,7 +230,7 @@ def short_name_phrases(entry: dict) -> list[str]:
 
 
 def emoji_captions(entry: dict, labels: dict[str, str]) -> list[str]:
-    """Alt-text captions: the name, its short names, then phrases carrying the label words (about half)."""
+    """Alt-text captions: the name, its short names, then phrases carrying the label words (over half)."""
     name = emoji_name(entry)
     shorts = [phrase for phrase in short_name_phrases(entry) if phrase != name]
     category, subcategory = labels["category"], labels["subcategory"]
@@ -240,6 +240,8 @@ def emoji_captions(entry: dict, labels: dict[str, str]) -> list[str]:
         f"{name} emoji",
         f"{name}, a {subcategory} emoji",
         f"a {category} emoji of {name}",
+        f"a {subcategory} emoji",  # label words alone: the zero-shot prompt's own form
+        f"a {category} emoji",
     ]
     if shorts:
         texts.append(f"{shorts[0]}, {subcategory} emoji")

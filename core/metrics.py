@@ -6,6 +6,7 @@ Pure functions shared by training-time evaluation and `eval --bundle`; embedding
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -21,10 +22,12 @@ DEFAULT_TEMPLATES = ("{}", "a {} emoji", "an emoji of {}", "{} emoji", "a pictur
 COLLAPSE_MIN_ENTROPY_GAP = 0.5
 COLLAPSE_MIN_USED_FRAC = 0.01
 
-# Linear probe: inverse L2 strengths tried on a held-out 20% of the training features (CLIP sweeps likewise).
-PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0)
-PROBE_DEFAULT_C = 1.0
-PROBE_MIN_TRAIN_FOR_SWEEP = 50
+# Linear probe: logistic regression on standardised features with a fixed, weak L2 penalty. CLIP sweeps C; here a
+# sweep of (0.01, 0.1, 1, 10) cost 90 s per evaluation on the emoji set (2 cores) and picked C=10 (val accuracy
+# 0.610 vs 0.595 at C=1 and 0.545 at C=0.1), so evaluation uses C=10 with a loose tolerance (~4 s per label set).
+PROBE_C = 10.0
+PROBE_MAX_ITER = 300
+PROBE_TOL = 1e-3
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -75,26 +78,9 @@ def _fit_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, seed: int):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+    regression = LogisticRegression(C=c, max_iter=PROBE_MAX_ITER, tol=PROBE_TOL, random_state=seed)
+    probe = make_pipeline(StandardScaler(), regression)
     return probe.fit(train_x, train_y)
-
-
-def _choose_probe_c(train_x: np.ndarray, train_y: np.ndarray, seed: int) -> float:
-    """Best C of PROBE_C_GRID on a seeded 80/20 split of the training set (PROBE_DEFAULT_C when too small)."""
-    if len(train_y) < PROBE_MIN_TRAIN_FOR_SWEEP:
-        return PROBE_DEFAULT_C
-    order = np.random.default_rng(seed).permutation(len(train_y))
-    fit_idx, val_idx = order[len(order) // 5 :], order[: len(order) // 5]
-    if len(np.unique(train_y[fit_idx])) < 2:
-        return PROBE_DEFAULT_C
-    scores = [
-        (
-            _fit_probe(train_x[fit_idx], train_y[fit_idx], c, seed).predict(train_x[val_idx])
-            == train_y[val_idx]
-        ).mean()
-        for c in PROBE_C_GRID
-    ]
-    return PROBE_C_GRID[int(np.argmax(scores))]
 
 
 def linear_probe(
@@ -107,9 +93,12 @@ def linear_probe(
     classes = np.unique(train_y)
     if len(classes) == 1:  # nothing to learn: the probe can only answer the one class it saw
         return float((test_y == classes[0]).mean())
-    c = _choose_probe_c(train_x, train_y, seed)
-    predictions = _fit_probe(train_x, train_y, c, seed).predict(test_x)
-    logger.debug("linear probe: C=%s, %d classes, %d train", c, len(classes), len(train_y))
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the loose tolerance is deliberate
+        predictions = _fit_probe(train_x, train_y, PROBE_C, seed).predict(test_x)
+    logger.debug("linear probe: C=%s, %d classes, %d train", PROBE_C, len(classes), len(train_y))
     return float((predictions == test_y).mean())
 
 

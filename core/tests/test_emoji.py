@@ -144,6 +144,8 @@ def test_captions_and_labels_of_a_base_emoji(tmp_path, npm_calls):
         "father christmas emoji",
         "father christmas, a person fantasy emoji",
         "a people & body emoji of father christmas",
+        "a person fantasy emoji",
+        "a people & body emoji",
         "santa, person fantasy emoji",
     ]
     assert records["images/1f385.png"]["labels"] == {
@@ -155,6 +157,8 @@ def test_captions_and_labels_of_a_base_emoji(tmp_path, npm_calls):
         "germany flag emoji",
         "germany flag, a country flag emoji",
         "a flags emoji of germany flag",
+        "a country flag emoji",
+        "a flags emoji",
     ]
     assert records["images/1f600.png"]["text"][:3] == ["grinning face", "grinning", "grinning face emoji"]
 
@@ -175,14 +179,14 @@ def test_variants_share_captions_group_and_split(tmp_path, npm_calls):
         )
 
 
-def test_a_third_to_a_half_of_captions_carry_label_words(tmp_path, npm_calls):
+def test_about_half_of_captions_carry_label_words(tmp_path, npm_calls):
     records = read_records(emoji.build_emoji_dataset(tmp_path)).values()
     carrying = Counter(
         any(r["labels"][name] in text for name in ("category", "subcategory"))
         for r in records
         for text in r["text"]
     )
-    assert 1 / 3 <= carrying[True] / sum(carrying.values()) <= 1 / 2
+    assert 0.4 <= carrying[True] / sum(carrying.values()) <= 0.7  # the name alone stays common
 
 
 def test_builds_are_deterministic(tmp_path, npm_calls):
