@@ -8,6 +8,8 @@ OBJECTIVE ?= xclip
 MODEL  ?= small
 EPOCHS ?= 30
 SEED   ?= 0
+# an emoji epoch is 11 steps: evaluating after every one would cost more than the training
+EVAL_EVERY ?= 10
 RUN    ?= runs/$(OBJECTIVE)
 BUNDLE ?= bundles/$(OBJECTIVE)
 
@@ -25,7 +27,7 @@ install: $(BIN)/xclip-serve
 demo: install
 	$(BIN)/xclip-serve data emoji --cache-dir $(CACHE)
 	$(BIN)/xclip-serve train --data $(DATA) --output $(RUN) --model $(MODEL) --objective $(OBJECTIVE) \
-		--epochs $(EPOCHS) --seed $(SEED) --no-resume
+		--epochs $(EPOCHS) --seed $(SEED) --eval-every $(EVAL_EVERY) --no-resume
 	$(BIN)/xclip-serve export --run $(RUN) --output $(BUNDLE) --data $(DATA) --overwrite
 	$(BIN)/xclip-serve eval --bundle $(BUNDLE) --data $(DATA) --split test --output $(BUNDLE)-test-metrics.json
 	@echo "bundle:  $(abspath $(BUNDLE))"

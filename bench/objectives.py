@@ -56,7 +56,7 @@ def run_one(objective: str, seed: int, args) -> dict:
     metrics_file = Path(args.work) / f"{objective}-s{seed}-test.json"
     start = time.perf_counter()
     cli("train", "--data", args.data, "--output", str(run), "--model", args.model, "--objective", objective,
-        "--epochs", str(args.epochs), "--seed", str(seed), "--no-resume")
+        "--epochs", str(args.epochs), "--seed", str(seed), "--eval-every", "10", "--no-resume")
     cli("export", "--run", str(run), "--output", str(bundle), "--data", args.data, "--overwrite")
     cli("eval", "--bundle", str(bundle), "--data", args.data, "--split", "test", "--output", str(metrics_file))
     wall = time.perf_counter() - start

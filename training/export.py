@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 from safetensors.torch import load_file, save_file
 
+from core import __version__
 from core.bundle import BUNDLE_FORMAT, load_bundle
 from core.manifest import write_manifest
 from core.preprocess import PreprocessConfig
@@ -95,7 +96,6 @@ def bundle_config(model: DualEncoder, meta: dict, tokenizer: TextTokenizer, metr
     cfg = model.config
     nclip = NClipConfig(**meta["train"].get("nclip", {}))
     scale = float(model.logit_scale.detach().exp()) if cfg.objective != "nclip" else 1.0 / nclip.student_temp
-    from xclip_serve import __version__
     return {
         "format": BUNDLE_FORMAT, "version": __version__, "model_name": f"{cfg.name}-{cfg.objective}",
         "objective": cfg.objective, "embed_dim": cfg.retrieval_dim,

@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # "bf16" autocast or "fp32"; the CLI resolves "auto" (see resolve_precision)
     checkpoint_every: int = 200
-    eval_every: int = 0  # epochs between evaluations; 0: only after the last epoch
+    eval_every: int = 1  # epochs between evaluations (and always after the last step); 0: only after the last step
     eval_split: str = "val"
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     nclip: NClipConfig = dataclasses.field(default_factory=NClipConfig)

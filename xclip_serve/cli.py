@@ -49,7 +49,8 @@ def train(
     lr: float = 1e-3,
     seed: int = 0,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 only where it is fast)")] = "auto",
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N epochs (0: at the end only).")] = 0,
+    eval_every: Annotated[int, typer.Option(help="Evaluate on the val split every N epochs (0: at the end only).")]
+        = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="JSON file of TrainConfig fields (nclip.*, augment.*).")]
         = None,

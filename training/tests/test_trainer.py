@@ -90,3 +90,16 @@ def test_two_process_ddp_matches_single_process(shapes_data, tmp_path, objective
         assert grad2 == pytest.approx(grad1, rel=1e-4)
     a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_a_collapsed_nclip_run_says_so_in_log_and_metrics(shapes_data, tmp_path, caplog):
+    from training.losses import NClipConfig
+
+    collapsing = NClipConfig(stop_gradient=False, balancing="none", lambda_he=0.0, lambda_eh=1.0)
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        summary = train(tiny_config(shapes_data, tmp_path / "run", objective="nclip", nclip=collapsing,
+                                    epochs=4, lr=5e-3))
+    assert summary["eval"]["clusters/image/collapsed"]
+    stored = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert stored["eval"]["clusters/image/collapsed"]
+    assert "COLLAPSED" in caplog.text

@@ -1,0 +1,76 @@
+"""Batches are a pure function of (seed, step): what makes resume exact and DDP shards add up to one batch."""
+
+from __future__ import annotations
+
+import torch
+
+from core.preprocess import PreprocessConfig, preprocess_image
+from core.tokenizer import train_tokenizer
+from training.batches import AugmentConfig, BatchSampler, TrainCache, build_cache, random_crop_grids
+
+
+def make_cache(n: int = 12, size: int = 8) -> TrainCache:
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(n, 3, size, size, generator=gen).half()
+    tokens = torch.arange(n * 2 * 4).view(n * 2, 4)  # two captions per sample, distinguishable rows
+    return TrainCache(pixels, tokens, torch.arange(0, 2 * n + 1, 2))
+
+
+def test_same_step_same_batch_whatever_ran_before():
+    sampler = BatchSampler(make_cache(), 4, seed=3, augment=AugmentConfig())
+    first = sampler.batch(5)
+    for step in range(5):
+        sampler.batch(step)
+    again = sampler.batch(5)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_rank_shares_concatenate_to_the_global_batch():
+    sampler = BatchSampler(make_cache(), 6, seed=1, augment=AugmentConfig())
+    whole_pixels, whole_ids = sampler.batch(2)
+    shares = [sampler.batch(2, rank, 3) for rank in range(3)]
+    assert torch.equal(torch.cat([p for p, _ in shares]), whole_pixels)
+    assert torch.equal(torch.cat([t for _, t in shares]), whole_ids)
+
+
+def test_an_epoch_visits_every_sample_once():
+    cache = make_cache(12)
+    sampler = BatchSampler(cache, 4, seed=0, augment=None)
+    seen = torch.cat([sampler.global_indices(step) for step in range(sampler.steps_per_epoch)])
+    assert sorted(seen.tolist()) == list(range(12))
+
+
+def test_captions_come_from_the_sample_itself():
+    cache = make_cache(12)
+    sampler = BatchSampler(cache, 4, seed=0, augment=None)
+    idx = sampler.global_indices(0)
+    _, ids = sampler.batch(0)
+    rows = (ids[:, 0] // 4).tolist()  # token row number of each chosen caption
+    assert all(row // 2 == sample for row, sample in zip(rows, idx.tolist()))
+
+
+def test_without_augmentation_pixels_are_the_eval_transform():
+    cache = make_cache(12)
+    sampler = BatchSampler(cache, 4, seed=0, augment=None)
+    pixels, _ = sampler.batch(0)
+    assert torch.equal(pixels, cache.pixels[sampler.global_indices(0)].float())
+
+
+def test_full_crop_is_the_identity():
+    grids = random_crop_grids(3, 8, AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0)),
+                              torch.Generator().manual_seed(0))
+    x = torch.rand(3, 3, 8, 8)
+    out = torch.nn.functional.grid_sample(x, grids, mode="bilinear", padding_mode="border", align_corners=False)
+    assert torch.allclose(out, x, atol=1e-6)
+
+
+def test_cache_uses_the_shared_eval_transform(shapes_data):
+    from core.data import load_samples
+
+    samples, _ = load_samples(str(shapes_data), split="train")
+    preprocess = PreprocessConfig(image_size=16)
+    tokenizer = train_tokenizer((t for s in samples for t in s.texts), 300, 12)
+    cache = build_cache(samples[:3], preprocess, tokenizer, progress=False)
+    expected = torch.from_numpy(preprocess_image(samples[1].image, preprocess))
+    assert torch.allclose(cache.pixels[1].float(), expected, atol=1e-2)  # stored as float16
+    assert cache.offsets.tolist() == [0, 3, 6, 9]
