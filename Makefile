@@ -35,6 +35,7 @@ demo: install
 	@echo "metrics: $(abspath $(BUNDLE))-test-metrics.json (test split, through ONNX)"
 
 test: install
+	$(BIN)/ruff check core training xclip_serve bench
 	$(BIN)/pytest -q
 
 lint: install

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import markdown_table, write_section  # noqa: E402
+from bench.report import markdown_table, write_section
 
 OBJECTIVES = ("clip", "nclip", "xclip")
 COLUMNS = {  # metric key → column title

@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.report import markdown_table, write_section  # noqa: E402
-from training.losses import NClipConfig, ObjectiveLoss  # noqa: E402
-from training.model import DualEncoder, load_config  # noqa: E402
-from training.perf import measure_matmul_peak  # noqa: E402
+from bench.report import markdown_table, write_section
+from training.losses import NClipConfig, ObjectiveLoss
+from training.model import DualEncoder, load_config
+from training.perf import measure_matmul_peak
 
 
 def samples_per_second(config: str, precision: str, batch: int, steps: int) -> float:

@@ -35,7 +35,7 @@ def write_section(name: str, title: str, body: str) -> Path:
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     section = f"{start}\n## {title}\n\n{provenance()}\n{body.strip()}\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS.write_text(text)
     return BENCHMARKS

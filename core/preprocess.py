@@ -49,7 +49,7 @@ class PreprocessConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessConfig":
+    def from_dict(cls, data: dict) -> PreprocessConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -57,7 +57,7 @@ class PreprocessConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "PreprocessConfig":
+    def load(cls, path: str | Path) -> PreprocessConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

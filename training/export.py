@@ -103,7 +103,7 @@ def bundle_config(model: DualEncoder, meta: dict, tokenizer: TextTokenizer, metr
         "cluster_temperature": nclip.student_temp if cfg.has_clusters else None,
         "logit_scale": scale, "context_length": tokenizer.context_length, "image_size": cfg.vision.image_size,
         "architecture": cfg.to_dict(), "data_fingerprint": meta.get("data_fingerprint"), "metrics": metrics,
-        "training": meta["train"], "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "training": meta["train"], "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "onnx": {"image": "image_encoder.onnx", "text": "text_encoder.onnx", "inputs": INPUT_NAMES,
                  "outputs": output_names(model), "opset": ONNX_OPSET},
     }

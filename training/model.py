@@ -70,7 +70,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         data = {k: v for k, v in data.items() if k != "description"}
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

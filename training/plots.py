@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 EVAL_KEYS = ("retrieval/t2i_r1", "retrieval/i2t_r1", "zeroshot/subcategory/top1", "zeroshot/category/top1",
              "linear_probe/subcategory")

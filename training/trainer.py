@@ -24,8 +24,7 @@ from training.batches import AugmentConfig, BatchSampler, build_cache
 from training.evaluate import evaluate_model, load_eval_sets
 from training.losses import NClipConfig, ObjectiveLoss, collapse_indicators
 from training.model import DualEncoder, ModelConfig, count_parameters, load_config
-from training.optim import (cosine_lr, latest_checkpoint, load_checkpoint, param_groups,
-                            save_checkpoint)
+from training.optim import cosine_lr, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint
 from training.perf import measure_matmul_peak, training_flops_per_sample
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         data = dict(data)
         data["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in data.get("augment", {}).items()})

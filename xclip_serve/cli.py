@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -51,8 +51,8 @@ def train(
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 only where it is fast)")] = "auto",
     eval_every: Annotated[int, typer.Option(help="Evaluate on the val split every N epochs (0: at the end only).")]
         = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="JSON file of TrainConfig fields (nclip.*, augment.*).")]
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON file of TrainConfig fields (nclip.*, augment.*).")]
         = None,
     no_resume: bool = False,
 ) -> None:
@@ -73,7 +73,7 @@ def train(
 def export(
     run: Annotated[Path, typer.Option(help="Training run directory.")] = Path("runs/xclip"),
     output: Annotated[Path, typer.Option(help="Bundle directory to write.")] = Path("bundles/xclip"),
-    data: Annotated[Optional[str], typer.Option(help="Data for real-input parity and the INT8 report.")] = None,
+    data: Annotated[str | None, typer.Option(help="Data for real-input parity and the INT8 report.")] = None,
     int8: Annotated[bool, typer.Option(help="Also write dynamic-quantised INT8 encoders.")] = False,
     overwrite: bool = False,
 ) -> None:
@@ -94,10 +94,10 @@ def export(
 def evaluate(
     bundle: Annotated[Path, typer.Option(help="Bundle directory.")],
     data: Annotated[str, typer.Option(help="Folder data set with labels in captions.jsonl.")],
-    label_set: Annotated[Optional[list[str]], typer.Option(help="Only these label sets.")] = None,
+    label_set: Annotated[list[str] | None, typer.Option(help="Only these label sets.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate (all data when the set has no split).")] = "test",
     variant: Annotated[str, typer.Option(help="fp32 | int8")] = "fp32",
-    output: Annotated[Optional[Path], typer.Option(help="Write the metrics JSON here.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Evaluate an exported bundle through its ONNX files on any labelled data set."""
     from training.bundle_eval import evaluate_bundle

@@ -40,7 +40,7 @@ def test_shipped_configs_are_listed():
     "name, vision, text",
     [
         ("tiny", (16, 8, 32, 1), (16, 512, 32, 1)),
-        ("small", (32, 4, 192, 4), (24, 4096, 192, 3)),
+        ("small", (32, 8, 192, 6), (24, 4096, 192, 3)),
         # CLIP ViT-B/16 image tower, 12-layer text tower
         ("base", (224, 16, 768, 12), (77, 49408, 512, 12)),
     ],

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(data: Path, output: Path, **overrides) -> TrainConfig:
-    fields = dict(data=str(data), output=str(output), model="tiny", objective="xclip", epochs=3, batch_size=8,
-                  warmup_steps=2, checkpoint_every=2, progress=False, lr=2e-3)
+    fields = {"data": str(data), "output": str(output), "model": "tiny", "objective": "xclip", "epochs": 3, "batch_size": 8,
+                  "warmup_steps": 2, "checkpoint_every": 2, "progress": False, "lr": 2e-3}
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -79,7 +79,7 @@ def _torchrun(config: TrainConfig, nproc: int, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("objective", ["clip", "xclip"])
 def test_two_process_ddp_matches_single_process(shapes_data, tmp_path, objective):
-    common = dict(objective=objective, max_steps=3, epochs=1, checkpoint_every=100)
+    common = {"objective": objective, "max_steps": 3, "epochs": 1, "checkpoint_every": 100}
     _torchrun(tiny_config(shapes_data, tmp_path / "single", **common), 1, tmp_path)
     _torchrun(tiny_config(shapes_data, tmp_path / "ddp", **common), 2, tmp_path)
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
