@@ -17,7 +17,6 @@ BUNDLE ?= bundles/$(OBJECTIVE)
 
 $(BIN)/xclip-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[train,serve,dev]'
 	touch $@
 

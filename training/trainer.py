@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -106,10 +107,10 @@ class RunState:
     perf: dict
 
 
-def build_tokenizer(model_cfg: ModelConfig, samples, out_dir: Path) -> TextTokenizer:
+def build_tokenizer(model_cfg: ModelConfig, samples, out_dir: Path, resuming: bool) -> TextTokenizer:
     """Train the BPE tokenizer on the training captions, or reload the run's own when resuming."""
     path = out_dir / "tokenizer.json"
-    if path.exists():
+    if resuming and path.exists():
         return TextTokenizer.from_file(path)
     texts = (t for s in samples for t in s.texts)
     return train_tokenizer(texts, model_cfg.text.vocab_size, model_cfg.text.context_length)
@@ -121,10 +122,14 @@ def prepare(cfg: TrainConfig) -> RunState:
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    resuming = cfg.resume and latest_checkpoint(out_dir / "checkpoints") is not None
+    if not cfg.resume and info.is_main:
+        _start_over(out_dir)
+    dist_utils.barrier(info)
     model_cfg = load_config(cfg.model, objective=cfg.objective, vocab_size=cfg.vocab_size)
     split = "train" if "train" in datasets.splits_present(cfg.data) else None
     samples, bad = datasets.load_samples(cfg.data, split=split, max_bad_fraction=cfg.max_bad_fraction)
-    tokenizer = build_tokenizer(model_cfg, samples, out_dir)
+    tokenizer = build_tokenizer(model_cfg, samples, out_dir, resuming)
     preprocess = PreprocessConfig(image_size=model_cfg.vision.image_size, resize_mode=cfg.resize_mode,
                                   mean=cfg.image_mean, std=cfg.image_std)
     if info.is_main:
@@ -144,6 +149,14 @@ def prepare(cfg: TrainConfig) -> RunState:
     ddp_model = model if info.world_size == 1 else DistributedDataParallel(model)
     return RunState(cfg, info, out_dir, model_cfg, model, ddp_model, loss_fn, optimizer, sampler, tokenizer,
                     preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict(), perf)
+
+
+def _start_over(out_dir: Path) -> None:
+    """Drop a previous run's checkpoints and step log from the run directory (`--no-resume`)."""
+    if (out_dir / "checkpoints").exists() or (out_dir / "metrics.jsonl").exists():
+        log.info("starting over in %s: removing its checkpoints and metrics.jsonl", out_dir)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def _maybe_resume(cfg: TrainConfig, out_dir: Path, model, loss_fn, optimizer) -> int:
