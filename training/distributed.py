@@ -59,15 +59,6 @@ def shared_parameter(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value * share + value.detach() * (1 - share)
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
-    """Mean of a scalar over ranks (for logging)."""
-    if info.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size
-
-
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()
