@@ -12,8 +12,11 @@ SEED   ?= 0
 EVAL_EVERY ?= 10
 RUN    ?= runs/$(OBJECTIVE)
 BUNDLE ?= bundles/$(OBJECTIVE)
+STATE  ?= serve-state
+PORT   ?= 8000
+EXAMPLE_IMAGE ?= $(DATA)/images/1f63a.png
 
-.PHONY: install demo data train export eval test lint bench-objectives clean
+.PHONY: install demo serve-demo test lint bench-objectives bench-service bench-search clean
 
 $(BIN)/xclip-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,7 @@ $(BIN)/xclip-serve: pyproject.toml
 
 install: $(BIN)/xclip-serve
 
-## data → train → eval → export for the embedded emoji data set (OBJECTIVE=clip|nclip|xclip)
+## data → train → eval → export → index → serve for the embedded emoji data set (OBJECTIVE=clip|nclip|xclip)
 demo: install
 	$(BIN)/xclip-serve data emoji --cache-dir $(CACHE)
 	$(BIN)/xclip-serve train --data $(DATA) --output $(RUN) --model $(MODEL) --objective $(OBJECTIVE) \
@@ -32,13 +35,26 @@ demo: install
 	@echo "bundle:  $(abspath $(BUNDLE))"
 	@echo "plots:   $(abspath $(RUN))/plots"
 	@echo "metrics: $(abspath $(BUNDLE))-test-metrics.json (test split, through ONNX)"
+	$(MAKE) --no-print-directory serve-demo
+
+## index the demo images (and their captions) with the bundle, then serve on 127.0.0.1:$(PORT)
+serve-demo: install
+	rm -rf $(STATE)/collections $(STATE)/models.json
+	$(BIN)/xclip-serve index build --bundle $(BUNDLE) --data $(DATA) --collection emoji \
+		--root $(STATE)/collections --store-images
+	$(BIN)/xclip-serve index build --bundle $(BUNDLE) --data $(DATA) --collection emoji-text \
+		--root $(STATE)/collections --modality text
+	$(BIN)/xclip-serve demo-info --key-file $(STATE)/api-keys.json --image $(EXAMPLE_IMAGE) \
+		--base-url http://127.0.0.1:$(PORT)
+	XCLIP_API_KEYS_FILE=$(STATE)/api-keys.json $(BIN)/xclip-serve serve --bundle $(BUNDLE) \
+		--state-dir $(STATE) --host 127.0.0.1 --port $(PORT)
 
 test: install
-	$(BIN)/ruff check core training xclip_serve bench
+	$(BIN)/ruff check core training index service api_tests xclip_serve bench
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check core training xclip_serve bench
+	$(BIN)/ruff check core training index service api_tests xclip_serve bench
 
 ## 3 objectives × 3 seeds on the demo budget → docs/BENCHMARKS.md (about 90 minutes on 2 cores)
 bench-objectives: install
@@ -46,4 +62,4 @@ bench-objectives: install
 	$(BIN)/python bench/objectives.py --data $(DATA) --seeds 0 1 2
 
 clean:
-	rm -rf runs bundles
+	rm -rf runs bundles $(STATE)

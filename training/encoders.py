@@ -53,3 +53,18 @@ class TorchEncoder:
 
     def encode_texts(self, texts) -> dict[str, np.ndarray]:
         return self._run("text", self.tokenizer.encode(list(texts)))
+
+
+def torch_encoder_from_bundle(bundle_dir) -> TorchEncoder:
+    """The training-side encoder rebuilt from a bundle's architecture and weights (a reference for the
+    ONNX/service path)."""
+    from safetensors.torch import load_file
+
+    from core.bundle import load_bundle
+    from training.model import DualEncoder, ModelConfig
+
+    bundle = load_bundle(bundle_dir)
+    model = DualEncoder(ModelConfig.from_dict(bundle.config["architecture"]), eos_id=bundle.tokenizer.eos_id)
+    model.load_state_dict(load_file(bundle.path / "model.safetensors"))
+    temp = bundle.config.get("cluster_temperature") or 1.0
+    return TorchEncoder(model.eval(), bundle.tokenizer, bundle.preprocess, temp)

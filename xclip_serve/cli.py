@@ -1,4 +1,4 @@
-"""`xclip-serve` command line: data, train, eval, export. Heavy imports (torch) happen inside the commands, so the
+"""`xclip-serve` command line: data, train, eval, export, index, serve. Heavy imports (torch) happen inside the commands, so the
 serving install can run the CLI without torch."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ app = typer.Typer(help="Train CLIP / nCLIP / xCLIP dual encoders, export ONNX bu
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Fetch and prepare data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+index_app = typer.Typer(help="Build and inspect search collections (FAISS + SQLite).", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 DEFAULT_CACHE = Path(".cache/data")
 SUMMARY_KEYS = ("zeroshot/category/top1", "zeroshot/subcategory/top1", "zeroshot/subcategory/top5",
@@ -106,6 +108,90 @@ def evaluate(
     if output:
         output.write_text(json.dumps(metrics, indent=1))
     print_summary({"eval": metrics})
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path | None, typer.Option(help="Bundle to register (and activate when none is).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (XCLIP_HOST, default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (XCLIP_PORT, default 8000).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Registry state and collections (XCLIP_STATE_DIR).")]
+        = None,
+    auth_disabled: Annotated[bool, typer.Option("--auth-disabled", help="No API keys (development only).")]
+        = False,
+) -> None:
+    """Run the HTTP service; every other setting comes from XCLIP_* environment variables."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {"bundle": bundle, "host": host, "port": port, "state_dir": state_dir,
+                 "auth_disabled": auth_disabled or None}
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        raise typer.BadParameter(f"invalid settings: {err}") from err
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                timeout_graceful_shutdown=10)
+
+
+@app.command("demo-info")
+def demo_info(
+    key_file: Annotated[Path, typer.Option(help="API key file (created with one admin key if absent).")],
+    image: Annotated[Path, typer.Option(help="An image the example commands upload.")],
+    base_url: str = "http://127.0.0.1:8000",
+    collection: str = "emoji",
+) -> None:
+    """Create the demo's API key file if needed and print example calls that work as printed."""
+    from xclip_serve.demo import ensure_key_file, example_commands
+
+    key = ensure_key_file(key_file)
+    typer.echo(example_commands(base_url, key, image.resolve(), collection))
+
+
+@index_app.command("build")
+def index_build(
+    bundle: Annotated[Path, typer.Option(help="Bundle whose encoders embed the items.")],
+    data: Annotated[str, typer.Option(help="Folder with captions.jsonl/csv, or WebDataset shards.")],
+    collection: Annotated[str, typer.Option(help="Collection to fill (created when missing).")],
+    root: Annotated[Path, typer.Option(help="Directory of collections.")] = Path("collections"),
+    modality: Annotated[str, typer.Option(help="image | text: what the items are embedded from.")] = "image",
+    split: Annotated[str | None, typer.Option(help="Only this split (default: every sample).")] = None,
+    batch_size: int = 64,
+    index_factory: Annotated[str | None, typer.Option(help="faiss.index_factory string for a new collection "
+                                                           "(default Flat; HNSW32, IVF4096,Flat...).")] = None,
+    store_images: Annotated[bool, typer.Option(help="Keep image bytes, not only paths.")] = False,
+) -> None:
+    """Embed a data set into a collection, resuming where an interrupted build stopped."""
+    from index.build import build_collection
+    from index.errors import IndexStoreError
+
+    try:
+        summary = build_collection(bundle, data, root, collection, modality=modality, split=split,
+                                   batch_size=batch_size, index_factory=index_factory, store_images=store_images)
+    except IndexStoreError as err:
+        raise typer.BadParameter(str(err)) from err
+    typer.echo(json.dumps(summary, indent=1))
+
+
+@index_app.command("stats")
+def index_stats(
+    collection: Annotated[str, typer.Option(help="Collection name.")],
+    root: Annotated[Path, typer.Option(help="Directory of collections.")] = Path("collections"),
+) -> None:
+    """Print a collection's spec, size and re-embed progress as JSON."""
+    from index.errors import IndexStoreError
+    from index.store import CollectionStore
+
+    store = CollectionStore(root)
+    try:
+        typer.echo(json.dumps(store.get(collection).stats(), indent=1))
+    except IndexStoreError as err:
+        raise typer.BadParameter(str(err)) from err
+    finally:
+        store.close()
 
 
 def print_summary(summary: dict) -> None:

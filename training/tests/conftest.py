@@ -2,46 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "orange": (250, 150, 0)}
-SHAPES = ("circle", "square", "triangle")
-
-
-def draw_shape(colour: tuple[int, int, int], shape: str, size: int, offset: int) -> Image.Image:
-    """An RGBA icon: one shape on a transparent background."""
-    image = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    lo, hi = 4 + offset, size - 4 - (3 - offset)
-    if shape == "circle":
-        draw.ellipse((lo, lo, hi, hi), fill=colour)
-    elif shape == "square":
-        draw.rectangle((lo, lo, hi, hi), fill=colour)
-    else:
-        draw.polygon([(size // 2, lo), (lo, hi), (hi, hi)], fill=colour)
-    return image
-
-
-def make_shapes_dataset(root: Path, variants: int = 4, size: int = 24) -> Path:
-    """4 colours × 3 shapes × `variants` images; split by (colour, shape) group; labels colour and shape."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for g, (colour, rgb) in enumerate(COLOURS.items()):
-        for s, shape in enumerate(SHAPES):
-            group = f"{colour}-{shape}"
-            split = "test" if (g + s) % 4 == 3 else "val" if (g + s) % 4 == 2 else "train"
-            for v in range(variants):
-                path = f"images/{group}-{v}.png"
-                draw_shape(rgb, shape, size, v).save(root / path)
-                texts = [f"{colour} {shape}", f"a {shape} that is {colour}", f"{colour} {shape}, a {shape} icon"]
-                rows.append({"image": path, "text": texts, "labels": {"colour": colour, "shape": shape},
-                             "split": split, "group": group})
-    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+from training.testing import COLOURS, SHAPES, draw_shape, make_shapes_dataset  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="session")

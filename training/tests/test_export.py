@@ -20,7 +20,7 @@ from core.onnx_encoder import OnnxEncoder
 from training import export, quantize
 from training.encoders import TorchEncoder
 from training.losses import NClipConfig
-from training.trainer import TrainConfig, train
+from training.testing import export_run, train_run
 from xclip_serve.cli import app
 
 BUNDLE_FILES = {"config.json", "model.safetensors", "tokenizer.json", "preprocess.json", "label_sets.json",
@@ -29,17 +29,6 @@ INT8_MIN_MEAN_COSINE = 0.999  # observed ≥ 0.9999 on the tiny model, images an
 INT8_MIN_COSINE = 0.99  # observed ≥ 0.9998
 
 
-def train_run(data: Path, out: Path, objective: str, **overrides) -> Path:
-    """A tiny model trained for a few steps on `data`; returns its run directory."""
-    train(TrainConfig(data=str(data), output=str(out), model="tiny", objective=objective, batch_size=8,
-                      progress=False, **{"epochs": 1, "max_steps": 2, **overrides}))
-    return out
-
-
-def export_run(run: Path, data: Path, out: Path, **kwargs) -> Path:
-    """The CLI's export path: parity on real held-out samples of `data`."""
-    texts, images = export.real_parity_inputs(run, str(data))
-    return export.export_bundle(run, out, texts, images, **kwargs)
 
 
 @pytest.fixture(scope="module")

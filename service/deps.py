@@ -1,0 +1,62 @@
+"""FastAPI dependencies over the typed app state: the engine, the input decoder, and scope checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.auth import KeyChecker
+from service.engine import Engine
+from service.inputs import InputDecoder
+from service.metrics import ServiceMetrics
+from service.registry import LoadedModel
+from service.settings import Settings
+
+
+@dataclasses.dataclass
+class AppState:
+    """Everything a route may use, stored on `app.state.xclip`."""
+
+    settings: Settings
+    engine: Engine
+    decoder: InputDecoder
+    keys: KeyChecker
+    metrics: ServiceMetrics
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.xclip
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def get_engine(state: State) -> Engine:
+    return state.engine
+
+
+def get_decoder(state: State) -> InputDecoder:
+    return state.decoder
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+DecoderDep = Annotated[InputDecoder, Depends(get_decoder)]
+
+
+def require(scope: str):
+    """A dependency that lets the request through only with a key holding `scope`."""
+
+    def check(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+        state.keys.require(authorization, scope)
+
+    return Depends(check)
+
+
+READ, WRITE, ADMIN = require("read"), require("write"), require("admin")
+
+
+def model_for(engine: Engine, name: str | None) -> LoadedModel:
+    """The requested model (id, alias or name), the active one when `name` is None."""
+    return engine.registry.get(name)
