@@ -3,6 +3,7 @@ collections re-embedded in the background without mixing spaces, roll back, refu
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -111,7 +112,7 @@ def test_new_model_vectors_differ_and_rollback_restores_the_old(fresh, bundles):
 
 
 def test_tampered_or_missing_bundle_is_refused_and_the_old_model_keeps_serving(fresh, bundles, tmp_path):
-    tampered = Path_copy(bundles["xclip-b"], tmp_path / "tampered")
+    tampered = shutil.copytree(bundles["xclip-b"], tmp_path / "tampered")
     (tampered / "text_encoder.onnx").write_bytes(b"\x00" * 64)
     with fresh.client("admin-key") as admin:
         active, ids = model_ids(admin)
@@ -120,10 +121,6 @@ def test_tampered_or_missing_bundle_is_refused_and_the_old_model_keeps_serving(f
             assert response.status_code == 422 and error_of(response)["param"] == "path", response.text
         assert model_ids(admin) == (active, ids)
         assert admin.post("/v1/embeddings", json={"input": "x", "model": "active"}).status_code == 200
-
-
-def Path_copy(src, dst):
-    return shutil.copytree(src, dst)
 
 
 def test_clip_bundle_has_no_clusters_400(fresh, bundles):
@@ -147,3 +144,18 @@ def test_the_active_model_cannot_be_unregistered(fresh):
     with fresh.client("admin-key") as admin:
         active, _ = model_ids(admin)
         assert admin.delete(f"/v1/models/{active}").status_code == 409
+
+
+def test_deploy_command_registers_and_activates(fresh, bundles):
+    from typer.testing import CliRunner
+
+    from xclip_serve.cli import app
+
+    base = ["deploy", "--bundle", str(bundles["xclip-b"]), "--server", fresh.base_url]
+    refused = CliRunner().invoke(app, [*base, "--key", "reader-key"])
+    deployed = CliRunner().invoke(app, base, env={"XCLIP_ADMIN_KEY": "admin-key"})
+    with fresh.client("reader-key") as client:
+        active, ids = model_ids(client)
+    assert refused.exit_code == 1 and "403" in refused.output
+    assert deployed.exit_code == 0, deployed.output
+    assert active == json.loads(deployed.output)["active"] and len(ids) == 2

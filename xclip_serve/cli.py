@@ -137,6 +137,27 @@ def serve(
                 timeout_graceful_shutdown=10)
 
 
+@app.command()
+def deploy(
+    bundle: Annotated[Path, typer.Option(help="Bundle directory, as the server sees it (shared volume).")],
+    server: Annotated[str, typer.Option(help="Base URL of the running service.")] = "http://127.0.0.1:8000",
+    key: Annotated[str | None, typer.Option(envvar="XCLIP_ADMIN_KEY", help="Admin API key (XCLIP_ADMIN_KEY).")]
+        = None,
+    activate: Annotated[bool, typer.Option(help="Activate after registering (hot swap).")] = True,
+    timeout: float = 120.0,
+) -> None:
+    """Register a bundle with a running service and activate it without downtime."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(f"{server.rstrip('/')}/v1/models", headers=headers, timeout=timeout,
+                          json={"path": str(bundle), "activate": activate})
+    if response.status_code >= 400:
+        typer.echo(f"deploy refused ({response.status_code}): {response.text}", err=True)
+        raise typer.Exit(1)
+    typer.echo(json.dumps(response.json(), indent=1))
+
+
 @app.command("demo-info")
 def demo_info(
     key_file: Annotated[Path, typer.Option(help="API key file (created with one admin key if absent).")],
