@@ -16,7 +16,7 @@ STATE  ?= serve-state
 PORT   ?= 8000
 EXAMPLE_IMAGE ?= $(DATA)/images/1f63a.png
 
-.PHONY: install demo serve-demo test lint bench-objectives bench-service bench-search clean
+.PHONY: install demo serve-demo test lint lint-docker bench-objectives bench-service bench-search clean
 
 $(BIN)/xclip-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,12 +49,17 @@ serve-demo: install
 	XCLIP_API_KEYS_FILE=$(STATE)/api-keys.json $(BIN)/xclip-serve serve --bundle $(BUNDLE) \
 		--state-dir $(STATE) --host 127.0.0.1 --port $(PORT)
 
-test: install
-	$(BIN)/ruff check core training index service api_tests xclip_serve bench
+test: install lint-docker
+	$(BIN)/ruff check core training index service api_tests xclip_serve bench deploy
 	$(BIN)/pytest -q
 
-lint: install
-	$(BIN)/ruff check core training index service api_tests xclip_serve bench
+lint: install lint-docker
+	$(BIN)/ruff check core training index service api_tests xclip_serve bench deploy
+
+## lint the Dockerfile and validate docker-compose.yml against the Compose specification (no Docker engine needed)
+lint-docker: install
+	$(BIN)/hadolint --config .hadolint.yaml Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 ## 3 objectives × 3 seeds on the demo budget → docs/BENCHMARKS.md (about 90 minutes on 2 cores)
 bench-objectives: install

@@ -150,8 +150,12 @@ def deploy(
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    response = httpx.post(f"{server.rstrip('/')}/v1/models", headers=headers, timeout=timeout,
-                          json={"path": str(bundle), "activate": activate})
+    try:
+        response = httpx.post(f"{server.rstrip('/')}/v1/models", headers=headers, timeout=timeout,
+                              json={"path": str(bundle), "activate": activate})
+    except httpx.HTTPError as err:
+        typer.echo(f"deploy failed: cannot reach {server}: {err}", err=True)
+        raise typer.Exit(1) from err
     if response.status_code >= 400:
         typer.echo(f"deploy refused ({response.status_code}): {response.text}", err=True)
         raise typer.Exit(1)
