@@ -162,3 +162,13 @@ def test_collections_survive_a_restart(tmp_path, bundles, shapes):
     finally:
         server.stop()
     assert [r["id"] for r in after["results"]] == [r["id"] for r in before["results"]]
+
+
+def test_items_can_be_listed_page_by_page(server, filled):
+    seen, after = [], ""
+    with server.client("reader-key") as client:
+        while after is not None:
+            page = client.get("/v1/collections/shapes/items", params={"after": after, "limit": 7}).json()
+            seen += page["ids"]
+            after = page["next_after"]
+    assert seen == sorted(seen) and set(seen) >= {p.stem for p in filled}

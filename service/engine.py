@@ -70,6 +70,7 @@ class Engine:
         self.settings, self.registry, self.store = settings, registry, store
         self.label_sets = LabelSetStore(settings.state_dir / "label_sets.json")
         self._reembed_tasks: dict[str, asyncio.Task] = {}
+        self._cluster_cache: dict = {}  # one collection's cluster probabilities (describing clusters re-reads them)
 
     # -- encoding -----------------------------------------------------------------------------------------------
     async def encode(self, model: LoadedModel, modality: str, items: Sequence) -> dict[str, np.ndarray]:
@@ -153,12 +154,26 @@ class Engine:
             raise NotFoundError(f"cluster {cluster} does not exist; the model has {model.bundle.num_clusters}",
                                 "cluster")
         coll = self.collection(collection)
-        ranked: list[tuple[float, Item]] = []
-        for batch in await asyncio.to_thread(_all_items, coll):
-            probs = await self.cluster_probs(model, coll.spec.modality, self._sources(batch))
-            ranked += zip(probs[:, cluster].tolist(), batch, strict=True)
-        ranked.sort(key=lambda pair: -pair[0])
-        return [{"id": item.id, "probability": p, "metadata": item.metadata} for p, item in ranked[:top]]
+        ids, probs = await self._collection_clusters(model, coll)
+        order = np.argsort(-probs[:, cluster], kind="stable")[:top]
+        items = await self.index_call(coll.get, [ids[i] for i in order])
+        return [{"id": item.id, "probability": float(probs[i, cluster]), "metadata": item.metadata}
+                for i, item in zip(order, items, strict=True) if item is not None]
+
+    async def _collection_clusters(self, model: LoadedModel, coll: Collection) -> tuple[list[str], np.ndarray]:
+        """(ids, (N, K) cluster probabilities) of every item, cached until the collection changes."""
+        stats = await self.index_call(coll.stats)
+        key = (model.model_id, coll.spec.name, stats["seq"])
+        if self._cluster_cache.get("key") != key:
+            ids, chunks, after = [], [], ""
+            while page := await self.index_call(coll.list_ids, after, REEMBED_BATCH):
+                items = [i for i in await self.index_call(coll.get, page) if i is not None]
+                chunks.append(await self.cluster_probs(model, coll.spec.modality, self._sources(items)))
+                ids += [i.id for i in items]
+                after = page[-1]
+            probs = np.concatenate(chunks) if chunks else np.zeros((0, model.bundle.num_clusters), np.float32)
+            self._cluster_cache = {"key": key, "ids": ids, "probs": probs}
+        return self._cluster_cache["ids"], self._cluster_cache["probs"]
 
     # -- collections --------------------------------------------------------------------------------------------
     def collection(self, name: str) -> Collection:
@@ -325,12 +340,6 @@ class Engine:
 
 def _kind(item: NewItem) -> str:
     return "text" if item.text is not None else "image" if item.image is not None else "vector"
-
-
-def _all_items(coll: Collection, batch: int = 256) -> list[list[Item]]:
-    """Every item of a collection, in batches (for describing clusters)."""
-    ids = coll.all_ids()
-    return [[i for i in coll.get(ids[s : s + batch]) if i is not None] for s in range(0, len(ids), batch)]
 
 
 class LabelSetStore:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from service.deps import ADMIN, READ, WRITE, DecoderDep, EngineDep
-from service.engine import NewItem, Query
+from service.engine import NewItem
+from service.engine import Query as SearchQuery
 from service.errors import ConflictError, InvalidInputError, NotFoundError
 from service.schemas import (
     CreateCollectionRequest,
@@ -86,6 +88,14 @@ def _new_item(item, index: int, decoder) -> NewItem:
     return NewItem(item.id, item.metadata, vector=np.asarray(item.vector, np.float32))
 
 
+@router.get("/{name}/items", dependencies=[READ])
+async def list_items(name: str, engine: EngineDep, after: str = "",
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+    """Item ids in id order, a page at a time: pass the last id as `after` for the next page."""
+    ids = await engine.index_call(engine.collection(name).list_ids, after, limit)
+    return {"ids": ids, "next_after": ids[-1] if len(ids) == limit else None}
+
+
 @router.get("/{name}/items/{item_id}", dependencies=[READ])
 async def get_item(name: str, item_id: str, engine: EngineDep) -> dict:
     """One item: metadata, kind, text, and the image as base64 when it was uploaded."""
@@ -121,7 +131,7 @@ async def search(name: str, body: SearchRequest, engine: EngineDep, decoder: Dec
     coll = engine.collection(name)
     if body.model is not None and engine.registry.get(body.model).model_id != coll.spec.model_id:
         raise ConflictError(f"collection {name!r} is embedded by {coll.spec.model_id}, not {body.model}", "model")
-    query = Query(
+    query = SearchQuery(
         text=decoder.check_text(body.text, "text") if body.text is not None else None,
         image=decoder.image_from_string(body.image, "image") if body.image is not None else None,
         item_id=body.id,
