@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 
 
@@ -20,6 +21,7 @@ def ensure_key_file(path: Path, scopes: tuple[str, ...] = ("admin",)) -> str:
 
 def example_commands(base_url: str, key: str, image: Path, collection: str = "emoji") -> str:
     """curl commands for embeddings, tagging, search and clusters, plus an openai SDK snippet."""
+    python = sys.executable  # the project's interpreter, which has the openai SDK
     auth = f'-H "Authorization: Bearer {key}"'
     js = '-H "Content-Type: application/json"'
     return f"""
@@ -35,7 +37,7 @@ curl -s {base_url}/v1/collections/{collection}/search {auth} {js} -d '{{"image":
 # the image's nCLIP clusters
 curl -s {base_url}/v1/embed/image {auth} -F files=@{image} -F clusters=true -F cluster_top_k=3 | tail -c 300; echo
 # the openai SDK
-python -c "import openai; c = openai.OpenAI(base_url='{base_url}/v1', api_key='{key}'); \\
+{python} -c "import openai; c = openai.OpenAI(base_url='{base_url}/v1', api_key='{key}'); \\
 print(len(c.embeddings.create(model='active', input='a red heart').data[0].embedding))"
 # interactive API docs: {base_url}/docs
 """
