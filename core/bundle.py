@@ -25,7 +25,7 @@ __all__ = ["BUNDLE_FORMAT", "Bundle", "BundleError", "BundleIntegrityError", "lo
 BUNDLE_FORMAT = "xclip-bundle/1"
 OBJECTIVES = ("clip", "nclip", "xclip")
 MODALITIES = ("image", "text")
-VARIANTS = ("fp32", "int8")
+VARIANTS = ("fp32", "int8", "fp16")  # fp16: for GPU execution providers
 CONFIG_KEYS = {
     "model_name": str,
     "objective": str,
@@ -77,14 +77,14 @@ class Bundle:
         return f"{self.config['model_name']}-{self.manifest_sha256[:12] or 'unverified'}"
 
     def onnx_path(self, modality: str, variant: str = "fp32") -> Path:
-        """Path of the `modality` ("image"|"text") encoder; `variant="int8"` picks the quantised twin."""
+        """Path of the `modality` ("image"|"text") encoder; `variant` "int8" / "fp16" picks a reduced twin."""
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         name = self.config["onnx"][modality]
-        if variant == "int8":
-            name = name.removesuffix(".onnx") + ".int8.onnx"
+        if variant != "fp32":
+            name = name.removesuffix(".onnx") + f".{variant}.onnx"
         path = self.path / name
         if not path.is_file():
             raise BundleError(f"bundle {self.path} has no {variant} {modality} encoder ({name})")

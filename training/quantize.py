@@ -1,5 +1,6 @@
-"""Dynamic INT8 twins of a bundle's encoders (`*_encoder.int8.onnx`), with a fidelity report against fp32
-(embedding cosines, zero-shot accuracy change, file sizes) stored under "int8" in config.json."""
+"""Reduced-precision twins of a bundle's encoders: dynamic INT8 for CPUs (`*_encoder.int8.onnx`) and fp16 for GPUs
+(`*_encoder.fp16.onnx`, fp32 inputs/outputs), each with a fidelity report against fp32 (embedding cosines,
+zero-shot accuracy change, file sizes) stored under its name in config.json."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -31,7 +33,20 @@ HELD_OUT_SPLITS = ("test", "val")
 
 def int8_name(fp32_name: str) -> str:
     """`image_encoder.onnx` → `image_encoder.int8.onnx`, the name `Bundle.onnx_path(..., "int8")` expects."""
-    return fp32_name.removesuffix(".onnx") + ".int8.onnx"
+    return variant_name(fp32_name, "int8")
+
+
+def variant_name(fp32_name: str, variant: str) -> str:
+    """`image_encoder.onnx` → `image_encoder.<variant>.onnx`."""
+    return fp32_name.removesuffix(".onnx") + f".{variant}.onnx"
+
+
+def fp16_encoder(fp32_path: Path, fp16_path: Path) -> None:
+    """fp16 weights and activations for GPU execution providers; inputs and outputs stay float32, so callers
+    and the service's preprocessing do not change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), str(fp16_path))
 
 
 def quantize_encoder(fp32_path: Path, int8_path: Path) -> None:
@@ -42,35 +57,53 @@ def quantize_encoder(fp32_path: Path, int8_path: Path) -> None:
         quantize_dynamic(prepared, int8_path, weight_type=WEIGHT_TYPE, op_types_to_quantize=OP_TYPES)
 
 
+CONVERTERS = {"int8": quantize_encoder, "fp16": fp16_encoder}
+
+
 def add_int8_variant(bundle_dir: Path, data: str | None) -> dict:
     """Write both INT8 encoders into the bundle, measure them against fp32, record the report in config.json."""
+    return add_variant(bundle_dir, data, "int8")
+
+
+def add_fp16_variant(bundle_dir: Path, data: str | None) -> dict:
+    """Write both fp16 encoders (for GPUs) into the bundle, measured against fp32 like INT8."""
+    return add_variant(bundle_dir, data, "fp16")
+
+
+def add_variant(bundle_dir: Path, data: str | None, variant: str) -> dict:
+    """Write both encoders of `variant`, measure them against fp32 (on CPU), record the report in config.json."""
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)  # verify before touching it
     try:
         for modality in MODALITIES:
-            quantize_encoder(bundle.onnx_path(modality), bundle_dir / int8_name(bundle.config["onnx"][modality]))
-        write_manifest(bundle_dir)  # evaluate_bundle verifies the bundle, int8 files included
-        report = int8_report(bundle, data)
+            CONVERTERS[variant](bundle.onnx_path(modality),
+                                bundle_dir / variant_name(bundle.config["onnx"][modality], variant))
+        write_manifest(bundle_dir)  # evaluate_bundle verifies the bundle, the new files included
+        report = variant_report(bundle, data, variant)
     except BaseException:
-        _remove_int8(bundle_dir, bundle.config)
+        _remove_variant(bundle_dir, bundle.config, variant)
         raise
-    _store_report(bundle_dir, report)
-    log.info("int8 encoders added to %s: %s", bundle_dir, report["cosine"])
+    _store_report(bundle_dir, report, variant)
+    log.info("%s encoders added to %s: %s", variant, bundle_dir, report["cosine"])
     return report
 
 
 def int8_report(bundle: Bundle, data: str | None) -> dict:
-    """Cosines of int8 vs fp32 embeddings, file sizes and (with labelled `data`) the zero-shot top-1 change."""
+    return variant_report(bundle, data, "int8")
+
+
+def variant_report(bundle: Bundle, data: str | None, variant: str) -> dict:
+    """Cosines of `variant` vs fp32 embeddings, file sizes and (with labelled `data`) the zero-shot top-1 change."""
     source, inputs = measurement_inputs(bundle, data)
     report = {
-        "weight_type": WEIGHT_TYPE.name, "op_types": OP_TYPES,
-        "files": {m: int8_name(bundle.config["onnx"][m]) for m in MODALITIES},
-        "bytes": {m: {v: bundle.onnx_path(m, v).stat().st_size for v in ("fp32", "int8")} for m in MODALITIES},
+        **({"weight_type": WEIGHT_TYPE.name, "op_types": OP_TYPES} if variant == "int8" else {}),
+        "files": {m: variant_name(bundle.config["onnx"][m], variant) for m in MODALITIES},
+        "bytes": {m: {v: bundle.onnx_path(m, v).stat().st_size for v in ("fp32", variant)} for m in MODALITIES},
         "inputs": {"source": source, **{m: len(x) for m, x in inputs.items()}},
-        **embedding_agreement(bundle, inputs),
+        **embedding_agreement(bundle, inputs, variant),
     }
     if data:
-        report["zeroshot_top1"] = zeroshot_change(bundle.path, data, held_out_split(data))
+        report["zeroshot_top1"] = zeroshot_change(bundle.path, data, held_out_split(data), variant)
     return report
 
 
@@ -95,12 +128,12 @@ def measurement_inputs(bundle: Bundle, data: str | None, seed: int = 0) -> tuple
     return "random", {"image": normalize(noise, bundle.preprocess), "text": bundle.tokenizer.encode(prompts)}
 
 
-def embedding_agreement(bundle: Bundle, inputs: dict[str, np.ndarray]) -> dict:
-    """Per modality: mean/min cosine of int8 vs fp32 embeddings, and cluster argmax agreement if clustered."""
-    encoders = {v: OnnxEncoder(bundle, providers="cpu", variant=v) for v in ("fp32", "int8")}
+def embedding_agreement(bundle: Bundle, inputs: dict[str, np.ndarray], variant: str = "int8") -> dict:
+    """Per modality: mean/min cosine of `variant` vs fp32 embeddings, and cluster argmax agreement if clustered."""
+    encoders = {v: OnnxEncoder(bundle, providers="cpu", variant=v) for v in ("fp32", variant)}
     cosine, clusters = {}, {}
     for modality, x in inputs.items():
-        fp32, int8 = (encoders[v].postprocess(encoders[v].run(modality, x)) for v in ("fp32", "int8"))
+        fp32, int8 = (encoders[v].postprocess(encoders[v].run(modality, x)) for v in ("fp32", variant))
         cos = np.sum(fp32["embedding"] * int8["embedding"], axis=1)  # rows are unit-norm after postprocess
         cosine[modality] = {"mean": float(cos.mean()), "min": float(cos.min())}
         if "cluster_probs" in fp32:
@@ -109,30 +142,30 @@ def embedding_agreement(bundle: Bundle, inputs: dict[str, np.ndarray]) -> dict:
     return {"cosine": cosine, **({"cluster_argmax_agreement": clusters} if clusters else {})}
 
 
-def zeroshot_change(bundle_dir: Path, data: str, split: str | None) -> dict:
-    """`zeroshot/<set>/top1` of fp32 and int8 through `eval --bundle`'s routine, and their difference."""
+def zeroshot_change(bundle_dir: Path, data: str, split: str | None, variant: str = "int8") -> dict:
+    """`zeroshot/<set>/top1` of fp32 and `variant` through `eval --bundle`'s routine, and their difference."""
     from training.bundle_eval import evaluate_bundle
 
     split = split or "test"  # evaluate_bundle reads all of the data when the split is absent
-    fp32, int8 = (evaluate_bundle(bundle_dir, data, split=split, variant=v) for v in ("fp32", "int8"))
+    fp32, low = (evaluate_bundle(bundle_dir, data, split=split, variant=v) for v in ("fp32", variant))
     keys = sorted(k for k in fp32 if k.startswith("zeroshot/") and k.endswith("/top1"))
-    return {k: {"fp32": fp32[k], "int8": int8[k], "delta": int8[k] - fp32[k]} for k in keys}
+    return {k: {"fp32": fp32[k], variant: low[k], "delta": low[k] - fp32[k]} for k in keys}
 
 
-def _store_report(bundle_dir: Path, report: dict) -> None:
-    """config.json gets the report under "int8"; the manifest is rewritten so the bundle still verifies."""
+def _store_report(bundle_dir: Path, report: dict, variant: str = "int8") -> None:
+    """config.json gets the report under the variant's name; the manifest is rewritten so the bundle verifies."""
     config_path = bundle_dir / "config.json"
     config = json.loads(config_path.read_text())
-    config["int8"] = report
+    config[variant] = report
     config_path.write_text(json.dumps(config, indent=1))
     write_manifest(bundle_dir)
 
 
-def _remove_int8(bundle_dir: Path, config: dict) -> None:
-    """Undo a failed run: drop the int8 files and any old report, leaving a verifying fp32 bundle."""
+def _remove_variant(bundle_dir: Path, config: dict, variant: str) -> None:
+    """Undo a failed run: drop the variant's files and any old report, leaving a verifying fp32 bundle."""
     for modality in MODALITIES:
-        (bundle_dir / int8_name(config["onnx"][modality])).unlink(missing_ok=True)
-    if "int8" in config:
+        (bundle_dir / variant_name(config["onnx"][modality], variant)).unlink(missing_ok=True)
+    if variant in config:
         config_path = bundle_dir / "config.json"
-        config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "int8"}, indent=1))
+        config_path.write_text(json.dumps({k: v for k, v in config.items() if k != variant}, indent=1))
     write_manifest(bundle_dir)

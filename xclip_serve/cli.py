@@ -76,7 +76,8 @@ def export(
     run: Annotated[Path, typer.Option(help="Training run directory.")] = Path("runs/xclip"),
     output: Annotated[Path, typer.Option(help="Bundle directory to write.")] = Path("bundles/xclip"),
     data: Annotated[str | None, typer.Option(help="Data for real-input parity and the INT8 report.")] = None,
-    int8: Annotated[bool, typer.Option(help="Also write dynamic-quantised INT8 encoders.")] = False,
+    int8: Annotated[bool, typer.Option(help="Also write dynamic-quantised INT8 encoders (CPU).")] = False,
+    fp16: Annotated[bool, typer.Option(help="Also write fp16 encoders (GPU execution providers).")] = False,
     overwrite: bool = False,
 ) -> None:
     """Export a run to an ONNX bundle, gated on torch/ONNX parity."""
@@ -84,11 +85,10 @@ def export(
 
     texts, images = real_parity_inputs(run, data)
     bundle = export_bundle(run, output, texts, images, overwrite=overwrite)
-    if int8:
-        from training.quantize import add_int8_variant
+    from training.quantize import add_variant
 
-        report = add_int8_variant(bundle, data)
-        typer.echo(json.dumps(report, indent=1))
+    for variant in [v for v, wanted in (("int8", int8), ("fp16", fp16)) if wanted]:
+        typer.echo(json.dumps({variant: add_variant(bundle, data, variant)}, indent=1))
     typer.echo(f"bundle: {bundle.resolve()}")
 
 

@@ -200,3 +200,24 @@ def test_cuda_unavailable_is_a_clear_error(monkeypatch):
         select_providers("cuda")
     with pytest.raises(ValueError, match="'auto', 'cuda' or 'cpu'"):
         select_providers("tpu")
+
+
+@pytest.mark.parametrize("requested, providers, has_fp16, expected", [
+    ("auto", ["CPUExecutionProvider"], True, "fp32"),
+    ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], True, "fp16"),
+    ("auto", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], True, "fp16"),
+    ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], False, "fp32"),
+    ("int8", ["CUDAExecutionProvider", "CPUExecutionProvider"], True, "int8"),
+])
+def test_variant_choice_prefers_fp16_on_gpus_only(tmp_path, requested, providers, has_fp16, expected):
+    from types import SimpleNamespace
+
+    from core.onnx_encoder import choose_variant
+
+    bundle = SimpleNamespace(path=tmp_path, config={"onnx": {"image": "image_encoder.onnx",
+                                                               "text": "text_encoder.onnx"}})
+
+    if has_fp16:
+        for name in ("image_encoder.fp16.onnx", "text_encoder.fp16.onnx"):
+            (tmp_path / name).write_bytes(b"")
+    assert choose_variant(requested, providers, bundle) == expected

@@ -20,13 +20,14 @@ from core.onnx_encoder import OnnxEncoder
 from training import export, quantize
 from training.encoders import TorchEncoder
 from training.losses import NClipConfig
-from training.testing import export_run, train_run
+from training.testing import draw_shape, export_run, train_run
 from xclip_serve.cli import app
 
 BUNDLE_FILES = {"config.json", "model.safetensors", "tokenizer.json", "preprocess.json", "label_sets.json",
                 "image_encoder.onnx", "text_encoder.onnx", "manifest.json"}
 INT8_MIN_MEAN_COSINE = 0.999  # observed ≥ 0.9999 on the tiny model, images and texts alike
 INT8_MIN_COSINE = 0.99  # observed ≥ 0.9998
+FP16_MIN_COSINE = 0.999  # fp16 weights and activations, run on CPU: observed ≥ 0.9999 on the small model
 
 
 
@@ -155,11 +156,24 @@ def test_int8_variant_without_data_uses_random_inputs(bundle_copy):
     load_bundle(bundle_copy)
 
 
+def test_fp16_variant_for_gpus_is_close_to_fp32_and_verifies(bundle_copy, shapes_data):
+    report = quantize.add_fp16_variant(bundle_copy, str(shapes_data))
+    bundle = load_bundle(bundle_copy)
+    assert bundle.config["fp16"] == json.loads(json.dumps(report))
+    for modality in ("image", "text"):
+        # observed 0.66 on the tiny model (graph overhead); weights are half the size
+        assert report["bytes"][modality]["fp16"] < 0.75 * report["bytes"][modality]["fp32"]
+        assert report["cosine"][modality]["min"] >= FP16_MIN_COSINE, report["cosine"]
+    encoded = OnnxEncoder(bundle, providers="cpu", variant="fp16").encode_images([draw_shape((200, 0, 0),
+                                                                                             "circle", 24, 0)])
+    assert encoded["embedding"].dtype == np.float32 and encoded["embedding"].shape == (1, bundle.embed_dim)
+
+
 def test_failed_int8_run_leaves_the_fp32_bundle_intact(bundle_copy, monkeypatch):
     def broken_report(*args):
         raise RuntimeError("measurement failed")
 
-    monkeypatch.setattr(quantize, "int8_report", broken_report)
+    monkeypatch.setattr(quantize, "variant_report", broken_report)
     with pytest.raises(RuntimeError, match="measurement failed"):
         quantize.add_int8_variant(bundle_copy, None)
     assert {p.name for p in bundle_copy.iterdir()} == BUNDLE_FILES
