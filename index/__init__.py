@@ -1,0 +1,32 @@
+"""Search collections: per-collection FAISS index plus SQLite (items, metadata, vectors); no HTTP here.
+
+`CollectionStore` opens a directory of collections; `Collection` upserts, deletes, searches and re-embeds;
+`index.build.build_collection` fills one offline from a data set and a bundle.
+"""
+
+from index.collection import Collection, CollectionSpec, Hit, Item
+from index.errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
+    IndexStoreError,
+    InvalidCollectionError,
+    ItemNotFoundError,
+    ReembedStateError,
+)
+from index.faiss_index import DEFAULT_INDEX_FACTORY
+from index.store import CollectionStore
+
+__all__ = [
+    "DEFAULT_INDEX_FACTORY",
+    "Collection",
+    "CollectionExistsError",
+    "CollectionNotFoundError",
+    "CollectionSpec",
+    "CollectionStore",
+    "Hit",
+    "IndexStoreError",
+    "InvalidCollectionError",
+    "Item",
+    "ItemNotFoundError",
+    "ReembedStateError",
+]

@@ -111,12 +111,15 @@ def from_index_error(err: Exception, param: str | None = None) -> ServiceError:
         CollectionNotFoundError,
         InvalidCollectionError,
         ItemNotFoundError,
+        ReembedStateError,
     )
 
     if isinstance(err, CollectionNotFoundError):
         return NotFoundError(str(err), param or "collection")
     if isinstance(err, ItemNotFoundError):
         return NotFoundError(str(err), param or "id")
+    if isinstance(err, ReembedStateError):
+        return ConflictError(str(err), param or "collection")
     if isinstance(err, CollectionExistsError):
         return ConflictError(str(err), param or "collection")
     if isinstance(err, InvalidCollectionError):

@@ -185,8 +185,8 @@ def index_build(
     modality: Annotated[str, typer.Option(help="image | text: what the items are embedded from.")] = "image",
     split: Annotated[str | None, typer.Option(help="Only this split (default: every sample).")] = None,
     batch_size: int = 64,
-    index_factory: Annotated[str | None, typer.Option(help="faiss.index_factory string for a new collection "
-                                                           "(default Flat; HNSW32, IVF4096,Flat...).")] = None,
+    index_factory: Annotated[str | None, typer.Option(
+        help="faiss.index_factory string of a new collection (Flat; HNSW32, IVF4096,Flat...).")] = None,
     store_images: Annotated[bool, typer.Option(help="Keep image bytes, not only paths.")] = False,
 ) -> None:
     """Embed a data set into a collection, resuming where an interrupted build stopped."""
@@ -195,7 +195,8 @@ def index_build(
 
     try:
         summary = build_collection(bundle, data, root, collection, modality=modality, split=split,
-                                   batch_size=batch_size, index_factory=index_factory, store_images=store_images)
+                                   batch_size=batch_size, index_factory=index_factory,
+                                   store_images=store_images)
     except IndexStoreError as err:
         raise typer.BadParameter(str(err)) from err
     typer.echo(json.dumps(summary, indent=1))
