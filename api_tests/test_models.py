@@ -159,3 +159,27 @@ def test_deploy_command_registers_and_activates(fresh, bundles):
     assert refused.exit_code == 1 and "403" in refused.output
     assert deployed.exit_code == 0, deployed.output
     assert active == json.loads(deployed.output)["active"] and len(ids) == 2
+
+
+def test_text_collections_follow_the_new_model_and_vector_collections_stay_searchable(fresh, bundles):
+    with fresh.client("admin-key") as admin:
+        old_id, _ = model_ids(admin)
+        for name, modality in (("texts", "text"), ("raw", "text")):
+            admin.put(f"/v1/collections/{name}", json={"modality": modality}).raise_for_status()
+        admin.post("/v1/collections/texts/items", json={"items": [
+            {"id": f"t{i}", "text": t, "metadata": {}} for i, t in enumerate(["red circle", "blue square"])]}
+        ).raise_for_status()
+        vector = admin.post("/v1/embeddings", json={"input": "green triangle"}).json()["data"][0]["embedding"]
+        admin.post("/v1/collections/raw/items", json={"items": [{"id": "v", "vector": vector, "metadata": {}}]}
+                   ).raise_for_status()
+        new_id = admin.post("/v1/models", json={"path": str(bundles["xclip-b"]), "activate": True}).json()["active"]
+        assert wait_for(lambda: admin.get("/v1/collections/texts").json()["model_id"] == new_id)
+        assert wait_for(lambda: admin.get("/v1/collections/raw").json()["reembed"] is None)
+        raw = admin.get("/v1/collections/raw").json()
+        hit = admin.post("/v1/collections/raw/search", json={"text": "green triangle", "k": 1}).json()
+        texts = admin.post("/v1/collections/texts/search", json={"text": "red circle", "k": 1}).json()
+        busy = admin.delete(f"/v1/models/{old_id}")
+    assert raw["model_id"] == old_id  # raw vectors cannot be re-embedded: they stay in their space
+    assert hit["model"] == old_id and hit["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert texts["model"] == new_id and texts["results"][0]["id"] == "t0"
+    assert busy.status_code == 409  # the old model still serves "raw"

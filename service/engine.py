@@ -295,26 +295,24 @@ class Engine:
 
     async def _reembed(self, name: str, model: LoadedModel) -> None:
         """Embed every item with `model` in batches, then switch the collection's index over in one step."""
+        coll = self.collection(name)
         try:
-            coll = self.collection(name)
             await asyncio.to_thread(coll.begin_reembed, model.model_id, model.bundle.embed_dim)
             while batch := await asyncio.to_thread(coll.pending_reembed, REEMBED_BATCH):
-                vectors = await self._embed_stored(model, coll, batch)
-                await asyncio.to_thread(coll.write_reembedded, [i.id for i in batch], vectors)
+                if any(item.kind == "vector" for item in batch):
+                    raise ConflictError(f"collection {name!r} holds raw vectors, which only their owner can "
+                                        "re-embed; it stays in its model's space", "collection")
+                vectors = (await self.encode(model, coll.spec.modality, self._sources(batch)))["embedding"]
+                await asyncio.to_thread(coll.write_reembedded, [i.id for i in batch], vectors,
+                                        [i.int_id for i in batch])  # items replaced meanwhile are skipped
             await asyncio.to_thread(coll.finish_reembed)
             logger.info("collection %s re-embedded with %s", name, model.model_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            logger.exception("re-embedding collection %s with %s failed", name, model.model_id)
-
-    async def _embed_stored(self, model: LoadedModel, coll: Collection, items: list[Item]) -> np.ndarray:
-        """Embeddings of stored items from their kept sources (text, image bytes or path)."""
-        if any(i.kind == "vector" for i in items):
-            raise ConflictError(f"collection {coll.spec.name!r} holds raw vectors, which cannot be re-embedded",
-                                "collection")
-        modality = coll.spec.modality
-        return (await self.encode(model, modality, self._sources(items)))["embedding"]
+        except Exception:  # the collection keeps serving in its old space
+            logger.exception("re-embedding collection %s with %s stopped", name, model.model_id)
+            if coll.reembed_progress() is not None:
+                await asyncio.to_thread(coll.cancel_reembed)
 
     @staticmethod
     def _sources(items: list[Item]) -> list:
