@@ -68,3 +68,11 @@ bench-objectives: install
 
 clean:
 	rm -rf runs bundles $(STATE)
+
+## service vs raw ONNX Runtime, serial vs 32 callers → docs/BENCHMARKS.md (needs the demo bundle; ~2 minutes)
+bench-service: install
+	$(BIN)/python bench/service.py --bundle $(BUNDLE) --data $(DATA)
+
+## FAISS Flat vs HNSW vs IVF at 100k and 1M vectors → docs/BENCHMARKS.md (~10 minutes)
+bench-search: install
+	$(BIN)/python bench/search.py

@@ -69,6 +69,7 @@ class OnnxEncoder:
         providers: str = "auto",
         intra_op_threads: int | None = None,
         variant: str = "fp32",
+        spin: bool = True,
     ):
         self.bundle = bundle
         self.providers = select_providers(providers)
@@ -78,6 +79,8 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
+        if not spin:  # a server shares its cores with the event loop: idle ORT threads must sleep, not spin
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {m: self._open_session(m, variant, options) for m in MODALITIES}
 
     def _open_session(self, modality: str, variant: str, options: ort.SessionOptions) -> ort.InferenceSession:

@@ -61,10 +61,13 @@ class PreprocessConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def load_image(source: bytes | str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Decode bytes or a file into an RGB image, compositing any transparency onto `background`."""
+def load_image(source: bytes | str | Path | Image.Image,
+               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Decode bytes, a file or an opened (lazy) Pillow image into RGB, compositing transparency onto `background`."""
     try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(bytes(source)))
         else:
             image = Image.open(source)

@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent requests for one model and modality are coalesced into one encoder call.
 
-Callers `await batcher.submit(items)`; a collector task takes up to `max_batch_size` items, waiting at most
-`max_wait_ms` for more once the first arrives, runs the batch in a worker thread (off the event loop) and
+Callers `await batcher.submit(items)`; a collector task takes up to `max_batch_size` items (those already queued,
+and, while the service is under load, whatever arrives within `max_wait_ms`: a lone request is not held back
+waiting for company that will not come), runs the batch in a worker thread (off the event loop) and
 resolves each caller's future with its rows. The queue is bounded (OverloadedError → 429 with Retry-After), and a
 request whose deadline passed while queued is dropped instead of computed.
 """
@@ -51,6 +52,7 @@ class DynamicBatcher:
         self.on_batch = on_batch or (lambda stats: None)
         self._queue: asyncio.Queue[_Request] | None = None
         self._pending_items = 0
+        self._last_batch_size = 0  # > 1: requests are arriving concurrently, so waiting pays
         self._task: asyncio.Task | None = None
 
     @property
@@ -102,10 +104,10 @@ class DynamicBatcher:
                 await self._run(batch)
 
     async def _next_batch(self) -> list[_Request]:
-        """The first waiting request plus whatever arrives within `max_wait`, up to `max_batch_size` items."""
+        """The first waiting request plus what is queued (and, under load, what arrives within `max_wait`)."""
         first = await self._queue.get()
         batch, size = [first], len(first.items)
-        deadline = time.monotonic() + self.max_wait
+        deadline = time.monotonic() + (self.max_wait if self._last_batch_size > 1 else 0.0)
         while size < self.max_batch_size:
             request = await self._get_until(deadline)
             if request is None:
@@ -113,6 +115,7 @@ class DynamicBatcher:
             batch.append(request)
             size += len(request.items)
         self._pending_items -= size
+        self._last_batch_size = len(batch)
         return batch
 
     async def _get_until(self, deadline: float) -> _Request | None:

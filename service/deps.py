@@ -1,4 +1,6 @@
-"""FastAPI dependencies over the typed app state: the engine, the input decoder, and scope checks."""
+"""FastAPI dependencies over the typed app state: the engine, the input decoder, and scope checks.
+
+All are `async def`: FastAPI runs plain `def` dependencies in its thread pool, a thread hop each per request."""
 
 from __future__ import annotations
 
@@ -26,19 +28,19 @@ class AppState:
     metrics: ServiceMetrics
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     return request.app.state.xclip
 
 
 State = Annotated[AppState, Depends(get_state)]
 
 
-def get_engine(state: State) -> Engine:
-    return state.engine
+async def get_engine(request: Request) -> Engine:
+    return request.app.state.xclip.engine
 
 
-def get_decoder(state: State) -> InputDecoder:
-    return state.decoder
+async def get_decoder(request: Request) -> InputDecoder:
+    return request.app.state.xclip.decoder
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
@@ -48,8 +50,8 @@ DecoderDep = Annotated[InputDecoder, Depends(get_decoder)]
 def require(scope: str):
     """A dependency that lets the request through only with a key holding `scope`."""
 
-    def check(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
-        state.keys.require(authorization, scope)
+    async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+        request.app.state.xclip.keys.require(authorization, scope)
 
     return Depends(check)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import ipaddress
 import re
 import socket
@@ -30,30 +31,25 @@ class InputDecoder:
         self.settings = settings
 
     def image_from_bytes(self, data: bytes, param: str) -> Image.Image:
-        """An RGB image from encoded bytes; refuses oversize payloads and decompression bombs."""
+        """An RGB image from encoded bytes; refuses oversize payloads and decompression bombs (from the header,
+        before any pixel is decoded)."""
         if not data:
             raise InvalidInputError(f"{param}: empty image", param)
         if len(data) > self.settings.max_image_bytes:
             raise PayloadTooLargeError(
                 f"{param}: image is {len(data)} bytes, the limit is {self.settings.max_image_bytes}", param)
-        self._check_pixels(data, param)
         try:
-            return load_image(data)
-        except ImageDecodeError as err:
-            raise InvalidInputError(f"{param}: {err}", param) from err
-
-    def _check_pixels(self, data: bytes, param: str) -> None:
-        """Read only the header to refuse huge decoded sizes before any pixel is allocated."""
-        import io
-
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
+            image = Image.open(io.BytesIO(data))  # reads the header only
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise InvalidInputError(f"{param}: cannot decode image: {err}", param) from err
+        width, height = image.size
         if width * height > self.settings.max_image_pixels:
             raise PayloadTooLargeError(
                 f"{param}: image is {width}x{height} pixels, the limit is {self.settings.max_image_pixels}", param)
+        try:
+            return load_image(image)
+        except ImageDecodeError as err:
+            raise InvalidInputError(f"{param}: {err}", param) from err
 
     def image_bytes_from_string(self, value: str, param: str) -> bytes:
         """Bytes of an image given as base64, a data URI, or (when enabled) an http(s) URL."""

@@ -73,7 +73,8 @@ class ModelRegistry:
         try:
             bundle = load_bundle(Path(path))
             encoder = OnnxEncoder(bundle, providers=self.settings.providers,
-                                  intra_op_threads=self.settings.intra_op_threads, variant=self.settings.variant)
+                                  intra_op_threads=self.settings.intra_op_threads, variant=self.settings.variant,
+                                  spin=False)
             _smoke_test(encoder)
         except (BundleError, OSError, ValueError, RuntimeError) as err:
             raise InvalidInputError(f"bundle {path} refused: {err}", "path") from err
