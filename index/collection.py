@@ -22,6 +22,7 @@ from index.db import ItemsDB
 from index.errors import CollectionNotFoundError, InvalidCollectionError, ItemNotFoundError, ReembedStateError
 from index.faiss_index import VectorIndex, check_model, exact_search, index_family
 from index.filters import where_clause
+from index.gpu import GpuReplica
 from index.snapshot import load_snapshot, save_snapshot
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ class Hit:
 class Collection:
     """A collection directory opened: SQLite plus the FAISS index of the current model's vectors."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, gpu_search: bool = False):
         self.directory = Path(directory)
+        self._gpu = GpuReplica() if gpu_search else None  # GPU copy for unfiltered searches (index/gpu.py)
         self._db = ItemsDB(self.directory / DB_FILE)
         self._reader = ItemsDB(self.directory / DB_FILE)  # snapshot reads for builds that run off the lock
         self._lock = threading.RLock()
@@ -95,6 +97,16 @@ class Collection:
     @property
     def spec(self) -> CollectionSpec:
         return self._spec
+
+    @property
+    def _index(self) -> VectorIndex:
+        return self._vector_index
+
+    @_index.setter
+    def _index(self, index: VectorIndex) -> None:
+        """Every index this collection serves from gets its GPU replica (when FAISS searches on a GPU)."""
+        index.gpu = self._gpu
+        self._vector_index = index
 
     def count(self) -> int:
         """Number of items (searchable or not yet embedded in the current model)."""

@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from index.errors import InvalidCollectionError
+from index.gpu import GPU_FAMILIES, GpuReplica
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,8 @@ class VectorIndex:
         self.standin = standin
         self.tombstones: set[int] = set()  # HNSW only: ids still in the graph whose items were deleted
         self._excluded: tuple | None = None  # cached (IDSelectorNot, IDSelectorBatch) over the tombstones
+        self.gpu: GpuReplica | None = None  # set by the store when FAISS searches on a GPU (index/gpu.py)
+        self.version = 0  # bumped by every write, so a GPU replica knows when to re-copy
 
     @classmethod
     def build(cls, factory: str, dim: int, search_params: dict | None, ids: np.ndarray,
@@ -282,6 +285,7 @@ class VectorIndex:
         if len(ids):
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
             self.index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+            self.version += 1
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ids from search: physically where the type supports it, as tombstones for HNSW."""
@@ -293,6 +297,7 @@ class VectorIndex:
             self._excluded = None
         else:
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
+            self.version += 1
 
     def catch_up(self, live_ids: np.ndarray,
                  fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:
@@ -312,12 +317,21 @@ class VectorIndex:
                budget: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search of (Q, dim) queries → (Q, k) scores and ids (-1 padded), only over `allowed` ids when
         given, never over tombstones; `budget` multiplies efSearch / nprobe (retries of short results)."""
+        if self._on_gpu(allowed):
+            nprobe = self.search_params["nprobe"] * budget if self.family == "ivf" and not self.standin else None
+            return self.gpu.search(self.index, self.version, queries, k, nprobe)
         selector = self._selector(allowed)  # kept alive in this frame while FAISS uses it
         params = self._parameters(selector, k, budget)
         if len(queries) > SERIAL_QUERIES_MAX:
             return self.index.search(queries, k, params=params)
         with _calling_thread_only():
             return self.index.search(queries, k, params=params)
+
+    def _on_gpu(self, allowed: np.ndarray | None) -> bool:
+        """GPU replicas serve unfiltered searches of Flat/IVF indexes without tombstones."""
+        family = "flat" if self.standin else self.family
+        return (self.gpu is not None and allowed is None and not self.tombstones and family in GPU_FAMILIES
+                and self.index.ntotal > 0)
 
     def _selector(self, allowed: np.ndarray | None) -> faiss.IDSelector | None:
         if allowed is not None:

@@ -22,6 +22,7 @@ from index.errors import (
     InvalidCollectionError,
 )
 from index.faiss_index import DEFAULT_INDEX_FACTORY, check_model, index_family, resolve_search_params
+from index.gpu import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ LEFTOVER_PREFIXES = (".creating-", ".deleting-")
 class CollectionStore:
     """Every collection under `root`, opened at start-up; thread-safe."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, faiss_device: str = "cpu"):
         self.root = Path(root)
+        self.gpu_search = resolve_device(faiss_device) == "gpu"  # GpuUnavailableError when asked but absent
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
@@ -53,7 +55,7 @@ class CollectionStore:
         if not named or not (directory / DB_FILE).is_file():
             return
         try:
-            self._collections[directory.name] = Collection(directory)
+            self._collections[directory.name] = Collection(directory, self.gpu_search)
         except Exception as err:  # one broken collection must not keep the others from serving
             logger.exception("collection %s could not be opened", directory.name)
             self._broken[directory.name] = f"{type(err).__name__}: {err}"
@@ -68,7 +70,7 @@ class CollectionStore:
             staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
             Collection.initialise(staging, spec)
             staging.rename(self.root / name)
-            collection = self._collections[name] = Collection(self.root / name)
+            collection = self._collections[name] = Collection(self.root / name, self.gpu_search)
         logger.info("created collection %s (%s, dim %d, %s, %s)", name, modality, dim, spec.index_factory,
                     model_id)
         return collection

@@ -85,7 +85,7 @@ def _build_state(settings: Settings) -> AppState:
         elif registry.active_id != model.model_id:
             logger.info("start-up bundle %s registered; %s stays active (activate it via the API)",
                         model.model_id, registry.active_id)
-    store = CollectionStore(settings.collections_dir)
+    store = CollectionStore(settings.collections_dir, settings.faiss_device)
     engine = Engine(settings, registry, store)
     metrics.add_gauges(lambda: _queue_depths(registry),
                        lambda: [(s.name, store.get(s.name).count()) for s in store.list()])

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     providers: Literal["auto", "cuda", "cpu"] = "auto"
     intra_op_threads: int | None = Field(None, ge=1)
     variant: Literal["auto", "fp32", "int8", "fp16"] = "auto"  # auto: fp16 on a GPU when the bundle has it
+    faiss_device: Literal["auto", "cpu", "gpu"] = "auto"  # gpu needs faiss-gpu; auto uses one when present
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
     max_queue: int = Field(1024, ge=1)
