@@ -42,11 +42,11 @@ def environment() -> dict:
     return env
 
 
-def train(data: str, run: Path, steps: int, gpus: int) -> dict:
-    """torchrun training of `base`; the run's metrics.json summary."""
+def train(data: str, run: Path, steps: int, gpus: int, model: str) -> dict:
+    """torchrun training of `model` (bf16 on GPUs); the run's metrics.json summary."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(gpus, 1)}", "-m", "xclip_serve.cli", "train",
-               "--data", data, "--output", str(run), "--model", "base", "--objective", "xclip",
-               "--precision", "bf16", "--batch-size", str(BATCH), "--epochs", "100", "--max-steps", str(steps),
+               "--data", data, "--output", str(run), "--model", model, "--objective", "xclip",
+               "--precision", "bf16" if gpus else "fp32", "--batch-size", str(BATCH), "--epochs", "100", "--max-steps", str(steps),
                "--eval-every", "0", "--no-resume"]
     start = time.perf_counter()
     subprocess.run(command, check=True)
@@ -71,8 +71,10 @@ def timed(fn, repeats: int = 10) -> float:
 
 
 def torch_throughput(bundle: Path) -> dict:
-    """Items/s of the served encoders in torch on CUDA, fp32 and bf16 autocast, batch BATCH."""
+    """Items/s of the served encoders in torch (CUDA when present), fp32 and bf16 autocast, batch BATCH."""
     import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     from training.encoders import torch_encoder_from_bundle
 
@@ -80,14 +82,15 @@ def torch_throughput(bundle: Path) -> dict:
     inputs = _inputs(encoder.preprocess.image_size, encoder.tokenizer)
     results = {}
     for modality, tower in encoder.towers.items():
-        tower = tower.cuda()
-        x = torch.from_numpy(inputs[modality]).cuda()
-        for precision in ("fp32", "bf16"):
+        tower = tower.to(device)
+        x = torch.from_numpy(inputs[modality]).to(device)
+        for precision in ("fp32", "bf16") if device == "cuda" else ("fp32",):
             def step(tower=tower, x=x, precision=precision):
-                with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+                with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
                     tower(x)
-                torch.cuda.synchronize()
-            results[f"torch-cuda-{precision}/{modality}"] = BATCH / timed(step)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            results[f"torch-{device}-{precision}/{modality}"] = BATCH / timed(step, 3 if device == "cpu" else 10)
     return results
 
 
@@ -134,7 +137,7 @@ def markdown(result: dict) -> str:
     lines = [(f"GPU: {env['gpu']} ×{env['gpus']}; torch {env['torch']}; onnxruntime {env['onnxruntime']} "
              f"(providers {', '.join(env['ort_providers'])}); faiss {env['faiss']} ({env['faiss_gpus']} GPUs)"), "",
              "| measurement | value |", "|---|---|",
-             (f"| `base` xCLIP training, bf16, global batch {BATCH} (torchrun, nccl) | "
+             (f"| xCLIP training ({result.get('model', 'base')}), global batch {BATCH} (torchrun) | "
              f"{tr['samples_per_second']:.0f} samples/s, MFU {tr['mfu']:.1%} |"),
              (f"| parity ONNX vs torch (max abs diff image / text) | "
              f"{_worst(result['parity']['image']):.1e} / {_worst(result['parity']['text']):.1e} |")]
@@ -152,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=".cache/data/emoji-16.0.0")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--model", default="base", help="architecture config (tiny: a CPU smoke run)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu-bench")))
     parser.add_argument("--work", type=Path, default=Path("runs/gpu-bench"))
     parser.add_argument("--write-section", type=Path, help="gpu.json of a GPU run: write docs/BENCHMARKS.md")
@@ -163,8 +167,8 @@ def main() -> None:
                       markdown(json.loads(args.write_section.read_text())))
         return
     env = environment()
-    result = {"environment": env}
-    result["train"] = train(args.data, args.work / "run", args.steps, env["gpus"])
+    result = {"environment": env, "model": args.model}
+    result["train"] = train(args.data, args.work / "run", args.steps, env["gpus"], args.model)
     result["parity"] = export(args.work / "run", args.work / "bundle", args.data)
     result["throughput"] = {**torch_throughput(args.work / "bundle"), **ort_throughput(args.work / "bundle")}
     result["faiss"] = faiss_search()
