@@ -29,7 +29,7 @@ if [ ! -f "$XCLIP_BUNDLE/manifest.json" ]; then
     # the demo budget of the Makefile (MODEL=small OBJECTIVE=xclip EPOCHS=30 SEED=0 EVAL_EVERY=10)
     xclip-serve train --data "$DATA" --output "$RUN_DIR" --model small --objective xclip \
         --epochs 30 --seed 0 --eval-every 10
-    xclip-serve export --run "$RUN_DIR" --output "$XCLIP_BUNDLE" --data "$DATA" --overwrite
+    xclip-serve export --run "$RUN_DIR" --output "$XCLIP_BUNDLE" --data "$DATA" --overwrite --fp16
 fi
 xclip-serve index build --bundle "$XCLIP_BUNDLE" --data "$DATA" --collection emoji \
     --root "$COLLECTIONS" --store-images

@@ -24,5 +24,5 @@ if [ "$DATA" = "$EMOJI" ]; then
 fi
 # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
 xclip-serve train --data "$DATA" --output "/data/runs/$NAME" $TRAIN_ARGS
-xclip-serve export --run "/data/runs/$NAME" --output "$BUNDLE" --data "$DATA"
+xclip-serve export --run "/data/runs/$NAME" --output "$BUNDLE" --data "$DATA" --fp16
 xclip-serve deploy --server http://service:8000 --bundle "$BUNDLE"
