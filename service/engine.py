@@ -61,6 +61,7 @@ class NewItem:
     text: str | None = None
     image: bytes | None = None
     vector: np.ndarray | None = None
+    decoded: Image.Image | None = None  # the image already decoded (and checked) from `image`
 
 
 class Engine:
@@ -237,6 +238,8 @@ class Engine:
     def _decode_source(self, item: NewItem, index: int) -> str | Image.Image:
         if item.text is not None:
             return item.text
+        if item.decoded is not None:
+            return item.decoded
         try:
             return load_image(item.image)
         except ImageDecodeError as err:

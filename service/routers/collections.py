@@ -83,8 +83,8 @@ def _new_item(item, index: int, decoder) -> NewItem:
         return NewItem(item.id, item.metadata, text=decoder.check_text(item.text, f"{param}.text"))
     if item.image is not None:
         data = decoder.image_bytes_from_string(item.image, f"{param}.image")
-        decoder.image_from_bytes(data, f"{param}.image")  # refuse undecodable images before storing
-        return NewItem(item.id, item.metadata, image=data)
+        decoded = decoder.image_from_bytes(data, f"{param}.image")  # refuse undecodable images before storing
+        return NewItem(item.id, item.metadata, image=data, decoded=decoded)
     return NewItem(item.id, item.metadata, vector=np.asarray(item.vector, np.float32))
 
 

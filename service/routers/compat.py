@@ -54,7 +54,8 @@ async def knn_service(body: KnnRequest, engine: EngineDep, decoder: DecoderDep) 
     hits = await engine.search(coll.spec.name, query, k, None)
     if body.deduplicate:
         hits = await _deduplicate(engine, coll, hits)
-    return [_knn_row(coll, h, with_metadata=rank < body.num_images) for rank, h in enumerate(hits)]
+    shown = await engine.index_call(coll.get, [h.id for h in hits[: body.num_images]])  # one read, off the loop
+    return [_knn_row(h, shown[rank] if rank < len(shown) else None) for rank, h in enumerate(hits)]
 
 
 async def _deduplicate(engine, coll, hits: list) -> list:
@@ -69,12 +70,12 @@ async def _deduplicate(engine, coll, hits: list) -> list:
     return [hits[i] for i in kept]
 
 
-def _knn_row(coll, hit, with_metadata: bool) -> dict:
+def _knn_row(hit, item) -> dict:
+    """id and similarity; for the first `num_images` hits (`item` given) also the metadata and image."""
     row = {"id": hit.int_id, "similarity": hit.score}
-    if with_metadata:
+    if item is not None:
         row = {**hit.metadata, **row}
-        item = coll.get([hit.id])[0]
-        if item is not None and item.image is not None:
+        if item.image is not None:
             row["image"] = base64.b64encode(item.image).decode()
     return row
 
