@@ -133,7 +133,7 @@ def serve(
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as err:
         raise typer.BadParameter(f"invalid settings: {err}") from err
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=10)
 
 
