@@ -221,3 +221,23 @@ def test_variant_choice_prefers_fp16_on_gpus_only(tmp_path, requested, providers
         for name in ("image_encoder.fp16.onnx", "text_encoder.fp16.onnx"):
             (tmp_path / name).write_bytes(b"")
     assert choose_variant(requested, providers, bundle) == expected
+
+
+def test_io_binding_path_gives_the_plain_run_results(encoder):
+    """The GPU default (IO binding) exercised on CPU: same outputs as a plain run."""
+    images = random_images(3)
+    plain = encoder.encode_images(images)
+    encoder.io_binding = True
+    try:
+        bound = encoder.encode_images(images)
+        texts = encoder.encode_texts(["a b", "c"])
+    finally:
+        encoder.io_binding = False
+    assert set(bound) == set(plain)
+    for name in plain:
+        np.testing.assert_allclose(bound[name], plain[name], atol=1e-6)
+    assert texts["embedding"].shape[0] == 2
+
+
+def test_io_binding_is_off_on_cpu_by_default(encoder):
+    assert encoder.io_binding is False
