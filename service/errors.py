@@ -6,9 +6,6 @@ translated here too, so no handler ever picks a status code itself.
 
 from __future__ import annotations
 
-from core.bundle import BundleError
-from core.preprocess import ImageDecodeError
-
 
 class ServiceError(Exception):
     """Base: a message for the caller and the request field it concerns (`param`, may be None)."""
@@ -125,13 +122,3 @@ def from_index_error(err: Exception, param: str | None = None) -> ServiceError:
     if isinstance(err, InvalidCollectionError):
         return InvalidInputError(str(err), param)
     return ServiceError(str(err), param)
-
-
-def from_image_error(err: ImageDecodeError, param: str) -> ServiceError:
-    """A 422 naming the field of an image that does not decode."""
-    return InvalidInputError(f"{param}: {err}", param)
-
-
-def from_bundle_error(err: BundleError, param: str = "path") -> ServiceError:
-    """A bundle that cannot be loaded or verified is the caller's bad input (422), not a server fault."""
-    return InvalidInputError(f"bundle refused: {err}", param)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from index.faiss_index import RECOMMENDED_FACTORIES
+
 EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg=="
 
 
@@ -133,8 +135,9 @@ class ClustersResponse(BaseModel):
 # -- collections --------------------------------------------------------------------------------------------------
 class CreateCollectionRequest(Strict):
     modality: Literal["image", "text"] = Field("image", description="What items are embedded from.")
-    index_factory: str | None = Field(None, examples=["Flat", "HNSW32"],
-                                      description="A faiss.index_factory string; default Flat (exact).")
+    index_factory: str | None = Field(None, examples=list(RECOMMENDED_FACTORIES),
+                                      description="A faiss.index_factory string; default Flat (exact). HNSW32 "
+                                                  "or IVF4096,Flat for 100k+ items (docs/BENCHMARKS.md).")
 
 
 class ItemIn(Strict):
