@@ -183,3 +183,12 @@ def test_text_collections_follow_the_new_model_and_vector_collections_stay_searc
     assert hit["model"] == old_id and hit["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert texts["model"] == new_id and texts["results"][0]["id"] == "t0"
     assert busy.status_code == 409  # the old model still serves "raw"
+
+
+def test_an_inactive_unused_model_can_be_unregistered(fresh, bundles):
+    with fresh.client("admin-key") as admin:
+        extra = admin.post("/v1/models", json={"path": str(bundles["xclip-b"])}).json()["id"]
+        assert admin.delete(f"/v1/models/{extra}").status_code == 204
+        _, ids = model_ids(admin)
+        gone = admin.post("/v1/embeddings", json={"input": "x", "model": extra})
+    assert extra not in ids and gone.status_code == 404

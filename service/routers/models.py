@@ -67,4 +67,6 @@ async def unregister(model_id: str, engine: EngineDep) -> Response:
     model = engine.registry.get(model_id)
     engine.check_unused(model.model_id)
     engine.registry.unregister(model.model_id)
+    for batcher in model.batchers.values():  # requests already queued on it fail; new ones cannot reach it
+        await batcher.close()
     return Response(status_code=204)
