@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1", tags=["classify"])
 
 MULTIPART_DOC = {
     "requestBody": {"content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}},
+        "application/json": {"schema": ClassifyRequest.model_json_schema()},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
             "labels": {"type": "array", "items": {"type": "string"}},
