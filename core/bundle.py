@@ -39,6 +39,11 @@ CONFIG_KEYS = {
 FIXED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "preprocess.json", "label_sets.json")
 
 
+def variant_file(fp32_name: str, variant: str) -> str:
+    """File name of an encoder variant: `image_encoder.onnx` → `image_encoder.int8.onnx` (fp32: unchanged)."""
+    return fp32_name if variant == "fp32" else fp32_name.removesuffix(".onnx") + f".{variant}.onnx"
+
+
 @dataclasses.dataclass(frozen=True)
 class Bundle:
     """A loaded bundle: its config plus the preprocessing, tokenizer and label sets every reader shares."""
@@ -82,9 +87,7 @@ class Bundle:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        name = self.config["onnx"][modality]
-        if variant != "fp32":
-            name = name.removesuffix(".onnx") + f".{variant}.onnx"
+        name = variant_file(self.config["onnx"][modality], variant)
         path = self.path / name
         if not path.is_file():
             raise BundleError(f"bundle {self.path} has no {variant} {modality} encoder ({name})")

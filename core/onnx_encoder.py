@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from core.bundle import MODALITIES, Bundle
+from core.bundle import MODALITIES, Bundle, variant_file
 from core.preprocess import preprocess_batch
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ def choose_variant(requested: str, providers: list[str], bundle: Bundle) -> str:
     if requested != "auto":
         return requested
     on_gpu = providers[0] in (TENSORRT, CUDA)
-    has_fp16 = all((bundle.path / bundle.config["onnx"][m].replace(".onnx", ".fp16.onnx")).is_file()
-                   for m in MODALITIES)
+    has_fp16 = all((bundle.path / variant_file(bundle.config["onnx"][m], "fp16")).is_file() for m in MODALITIES)
     return "fp16" if on_gpu and has_fp16 else "fp32"
 
 

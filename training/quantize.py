@@ -16,7 +16,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core import data as datasets
-from core.bundle import MODALITIES, Bundle, load_bundle
+from core.bundle import MODALITIES, Bundle, load_bundle, variant_file
 from core.manifest import write_manifest
 from core.metrics import DEFAULT_TEMPLATES
 from core.onnx_encoder import OnnxEncoder
@@ -29,16 +29,6 @@ WEIGHT_TYPE = QuantType.QUInt8
 OP_TYPES = ["MatMul", "Gemm"]
 MAX_INPUTS = 64
 HELD_OUT_SPLITS = ("test", "val")
-
-
-def int8_name(fp32_name: str) -> str:
-    """`image_encoder.onnx` → `image_encoder.int8.onnx`, the name `Bundle.onnx_path(..., "int8")` expects."""
-    return variant_name(fp32_name, "int8")
-
-
-def variant_name(fp32_name: str, variant: str) -> str:
-    """`image_encoder.onnx` → `image_encoder.<variant>.onnx`."""
-    return fp32_name.removesuffix(".onnx") + f".{variant}.onnx"
 
 
 def fp16_encoder(fp32_path: Path, fp16_path: Path) -> None:
@@ -77,7 +67,7 @@ def add_variant(bundle_dir: Path, data: str | None, variant: str) -> dict:
     try:
         for modality in MODALITIES:
             CONVERTERS[variant](bundle.onnx_path(modality),
-                                bundle_dir / variant_name(bundle.config["onnx"][modality], variant))
+                                bundle_dir / variant_file(bundle.config["onnx"][modality], variant))
         write_manifest(bundle_dir)  # evaluate_bundle verifies the bundle, the new files included
         report = variant_report(bundle, data, variant)
     except BaseException:
@@ -88,16 +78,12 @@ def add_variant(bundle_dir: Path, data: str | None, variant: str) -> dict:
     return report
 
 
-def int8_report(bundle: Bundle, data: str | None) -> dict:
-    return variant_report(bundle, data, "int8")
-
-
 def variant_report(bundle: Bundle, data: str | None, variant: str) -> dict:
     """Cosines of `variant` vs fp32 embeddings, file sizes and (with labelled `data`) the zero-shot top-1 change."""
     source, inputs = measurement_inputs(bundle, data)
     report = {
         **({"weight_type": WEIGHT_TYPE.name, "op_types": OP_TYPES} if variant == "int8" else {}),
-        "files": {m: variant_name(bundle.config["onnx"][m], variant) for m in MODALITIES},
+        "files": {m: variant_file(bundle.config["onnx"][m], variant) for m in MODALITIES},
         "bytes": {m: {v: bundle.onnx_path(m, v).stat().st_size for v in ("fp32", variant)} for m in MODALITIES},
         "inputs": {"source": source, **{m: len(x) for m, x in inputs.items()}},
         **embedding_agreement(bundle, inputs, variant),
@@ -164,7 +150,7 @@ def _store_report(bundle_dir: Path, report: dict, variant: str = "int8") -> None
 def _remove_variant(bundle_dir: Path, config: dict, variant: str) -> None:
     """Undo a failed run: drop the variant's files and any old report, leaving a verifying fp32 bundle."""
     for modality in MODALITIES:
-        (bundle_dir / variant_name(config["onnx"][modality], variant)).unlink(missing_ok=True)
+        (bundle_dir / variant_file(config["onnx"][modality], variant)).unlink(missing_ok=True)
     if variant in config:
         config_path = bundle_dir / "config.json"
         config_path.write_text(json.dumps({k: v for k, v in config.items() if k != variant}, indent=1))
