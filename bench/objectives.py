@@ -2,13 +2,15 @@
 ONNX, test split) and nCLIP cluster statistics on all held-out images (val + test). Prints a table and writes the
 `objectives` section of docs/BENCHMARKS.md.
 
-    python bench/objectives.py --data .cache/data/emoji-16.0.0 --seeds 0 1 2
+    python bench/objectives.py --data .cache/data/emoji-16.0.0 --seeds 0 1 2 [--supervised-reference]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import markdown_table, write_section
 
 OBJECTIVES = ("clip", "nclip", "xclip")
+SUPERVISED = "supervised"
 COLUMNS = {  # metric key → column title
     "retrieval/t2i_r1": "t→i R@1", "retrieval/t2i_r5": "t→i R@5", "retrieval/t2i_r10": "t→i R@10",
     "retrieval/i2t_r1": "i→t R@1", "zeroshot/category/top1": "ZS cat top1",
@@ -50,13 +53,36 @@ def heldout_cluster_stats(bundle: Path, data: str) -> dict:
                                   "entropy_gap")}
 
 
-def run_one(objective: str, seed: int, args) -> dict:
-    """Train, export and evaluate one (objective, seed); returns its metrics."""
-    run, bundle = Path(args.work) / f"{objective}-s{seed}", Path(args.work) / f"{objective}-s{seed}-bundle"
-    metrics_file = Path(args.work) / f"{objective}-s{seed}-test.json"
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
+def label_only_data(data: str, work: Path, label: str = "subcategory") -> Path:
+    """A copy of the data set whose training captions are only "a {label} emoji": CLIP on it is supervised
+    (multi-positive contrastive over the label), the reference for what the labels alone teach this model."""
+    out = work / f"data-{label}-only"
+    if (out / "captions.jsonl").exists():
+        return out
+    shutil.copytree(Path(data) / "images", out / "images", copy_function=_link_or_copy, dirs_exist_ok=True)
+    rows = [json.loads(line) for line in (Path(data) / "captions.jsonl").read_text().splitlines() if line]
+    for row in rows:
+        if row.get("split") == "train":
+            row["text"] = [f"a {row['labels'][label]} emoji"]
+    (out / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def run_one(objective: str, seed: int, args, data: str | None = None, name: str | None = None) -> dict:
+    """Train, export and evaluate one (objective, seed) on `data` (default: args.data); returns its metrics."""
+    name, data = name or objective, data or args.data
+    run, bundle = Path(args.work) / f"{name}-s{seed}", Path(args.work) / f"{name}-s{seed}-bundle"
+    metrics_file = Path(args.work) / f"{name}-s{seed}-test.json"
     start = time.perf_counter()
-    cli("train", "--data", args.data, "--output", str(run), "--model", args.model, "--objective", objective,
-        "--epochs", str(args.epochs), "--seed", str(seed), "--eval-every", "10", "--no-resume")
+    cli("train", "--data", data, "--output", str(run), "--model", args.model, "--objective", objective,
+        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed), "--eval-every", "10", "--no-resume")
     cli("export", "--run", str(run), "--output", str(bundle), "--data", args.data, "--overwrite")
     cli("eval", "--bundle", str(bundle), "--data", args.data, "--split", "test", "--output", str(metrics_file))
     wall = time.perf_counter() - start
@@ -66,11 +92,30 @@ def run_one(objective: str, seed: int, args) -> dict:
             **{f"heldout/{k}": v for k, v in heldout_cluster_stats(bundle, args.data).items()}}
 
 
+def pixel_probe(data: str, image_size: int = 32) -> dict[str, float]:
+    """Reference row: the linear probe on raw pixels at the model's input size (train split → test split),
+    through the same preprocessing and the same probe as the models' row."""
+    from core import data as datasets
+    from core.metrics import linear_probe
+    from core.preprocess import PreprocessConfig, preprocess_batch
+
+    preprocess = PreprocessConfig(image_size=image_size)
+    sets = {split: list(datasets.iter_samples(data, split=split)) for split in ("train", "test")}
+    pixels = {split: preprocess_batch([s.image for s in samples], preprocess).reshape(len(samples), -1)
+              for split, samples in sets.items()}
+    return {f"linear_probe/{name}": linear_probe(pixels["train"], [s.labels[name] for s in sets["train"]],
+                                                pixels["test"], [s.labels[name] for s in sets["test"]])
+            for name in ("subcategory", "category")}
+
+
 def mean_spread(values: list[float], percent: bool) -> str:
     scale = 100 if percent else 1
     mean = statistics.fmean(values) * scale
-    spread = (max(values) - min(values)) * scale / 2 if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {spread:.1f}" if percent or mean >= 10 else f"{mean:.3f} ± {spread:.3f}"
+    digits = 1 if percent or mean >= 10 else 3
+    if len(values) == 1:  # one seed: no spread to report
+        return f"{mean:.{digits}f}"
+    spread = (max(values) - min(values)) * scale / 2
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 def table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
@@ -86,6 +131,11 @@ def table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def reference_row(probe: dict[str, float], headers: list[str]) -> list[str]:
+    values = {COLUMNS[k]: f"{v * 100:.1f}" for k, v in probe.items()}
+    return ["raw pixels 32×32 (reference)", *(values.get(h, "–") for h in headers[1:])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=".cache/data/emoji-16.0.0")
@@ -93,7 +143,11 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
     parser.add_argument("--model", default="small")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--work", default="runs/bench-objectives")
+    parser.add_argument("--supervised-reference", action="store_true",
+                        help="also train CLIP on captions that are only the subcategory label (a reference row)")
+    parser.add_argument("--reference-seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     results_file = Path(args.work) / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
@@ -103,13 +157,26 @@ def main() -> None:
             if key not in results:  # resumable: finished runs are kept
                 results[key] = run_one(objective, seed, args)
                 results_file.write_text(json.dumps(results, indent=1))
-    grouped = {o: [results[f"{o}/{s}"] for s in args.seeds] for o in args.objectives}
-    headers, rows = table(grouped)
+    if args.supervised_reference:
+        labelled = str(label_only_data(args.data, Path(args.work)))
+        for seed in args.reference_seeds:
+            if f"{SUPERVISED}/{seed}" not in results:
+                results[f"{SUPERVISED}/{seed}"] = run_one("clip", seed, args, data=labelled, name="supervised")
+                results_file.write_text(json.dumps(results, indent=1))
+    seeds = {o: args.seeds for o in OBJECTIVES if o in args.objectives}
+    if args.supervised_reference:
+        seeds[SUPERVISED] = args.reference_seeds
+    labels = {SUPERVISED: f"reference: clip on label-only captions, seeds {args.reference_seeds}"}
+    headers, rows = table({labels.get(n, n): [results[f"{n}/{s}"] for s in ss] for n, ss in seeds.items()})
+    rows.append(reference_row(pixel_probe(args.data), headers))
     text = markdown_table(headers, rows)
     print(text)
-    note = (f"Model `{args.model}`, {args.epochs} epochs, batch 256, seeds {args.seeds}; mean ± half-range over "
+    note = (f"Model `{args.model}`, {args.epochs} epochs, batch {args.batch_size}, seeds {args.seeds}; mean ± half-range over "
             "seeds. Retrieval, zero-shot and linear probe (LP) on the test split (held-out emoji), through the "
-            "exported ONNX files; cluster statistics of the image tower over all held-out images (val + test).\n\n")
+            "exported ONNX files; cluster statistics of the image tower over all held-out images (val + test). "
+            "References: with `--supervised-reference`, CLIP trained on captions that are only \"a {subcategory} "
+            "emoji\" (what the labels alone teach this model in this budget); last, the same linear probe on raw "
+            "pixels.\n\n")
     write_section("objectives", "Objectives: CLIP vs nCLIP vs xCLIP (emoji, demo budget)", note + text)
 
 

@@ -94,10 +94,12 @@ class InputDecoder:
         """GET an image from an allow-listed public host, with size and time limits."""
         if not self.settings.url_fetch:
             raise BadRequestError(f"{param}: image URLs are disabled on this server (XCLIP_URL_FETCH)", param)
-        host = check_public_url(url, self.settings.url_allow_hosts, param)
+        host, address = check_public_url(url, self.settings.url_allow_hosts, param)
         limit = self.settings.max_image_bytes
+        pinned, headers, extensions = pinned_request(url, address)
         try:
-            with httpx.stream("GET", url, timeout=self.settings.url_timeout_s, follow_redirects=False) as response:
+            with httpx.Client(timeout=self.settings.url_timeout_s, follow_redirects=False) as client, \
+                    client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
                 if response.status_code != 200:
                     raise InvalidInputError(f"{param}: {host} answered {response.status_code}", param)
                 return _read_limited(response, limit, param)
@@ -115,8 +117,21 @@ def _read_limited(response: httpx.Response, limit: int, param: str) -> bytes:
     return bytes(body)
 
 
-def check_public_url(url: str, allow_hosts: list[str], param: str) -> str:
-    """The URL's host if it is allow-listed and every address it resolves to is public."""
+def pinned_request(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(URL, headers, httpx extensions) that connect to the already checked `address` while asking for the
+    original host (Host header; TLS SNI and certificate check against the host name). Resolving the name a
+    second time at connect would let a DNS answer that changed since the check (rebinding) reach a private
+    address."""
+    parsed = urllib.parse.urlsplit(url)
+    ip_host = f"[{address}]" if ":" in address else address
+    netloc = f"{ip_host}:{parsed.port}" if parsed.port else ip_host
+    host_header = parsed.netloc.rsplit("@", 1)[-1]
+    return (urllib.parse.urlunsplit(parsed._replace(netloc=netloc)), {"Host": host_header},
+            {"sni_hostname": parsed.hostname or ""})
+
+
+def check_public_url(url: str, allow_hosts: list[str], param: str) -> tuple[str, str]:
+    """(host, address to connect to) if the host is allow-listed and every address it resolves to is public."""
     parsed = urllib.parse.urlsplit(url)
     host = (parsed.hostname or "").lower()
     if parsed.scheme not in ("http", "https") or not host:
@@ -131,4 +146,4 @@ def check_public_url(url: str, allow_hosts: list[str], param: str) -> str:
         address = ipaddress.ip_address(info[4][0])
         if not address.is_global:
             raise BadRequestError(f"{param}: {host} resolves to a non-public address", param)
-    return host
+    return host, infos[0][4][0]

@@ -51,14 +51,31 @@ class NClipConfig:
             raise ValueError("nclip temperatures must be positive")
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Symmetric InfoNCE; row i of each side is the positive pair of row i of the other."""
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+              text_keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Symmetric InfoNCE; row i of each side is the positive pair of row i of the other.
+
+    With `text_keys` (one id per caption, equal ids = identical captions), every pair whose captions are identical
+    is a positive, with the target mass shared equally among them (UniCL, Yang et al. 2022): a batch holding two
+    images captioned "a flag emoji" no longer asks each image to reject the other's identical caption."""
     image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     logits = scale * image_emb @ text_emb.t()  # (B, B) image→text
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    if text_keys is None:
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        return {"contrastive_loss": loss}
+    positives = (text_keys[:, None] == text_keys[None, :]).float()  # symmetric, diagonal set
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
     return {"contrastive_loss": loss}
+
+
+def caption_keys(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) token ids → (B,) int64 ids equal exactly for identical token rows (a polynomial hash; rows that
+    differ collide with probability ~B²/2⁶⁴)."""
+    weights = torch.randint(1, 2**62, (input_ids.shape[1],), generator=torch.Generator().manual_seed(0))
+    return (input_ids.long().cpu() * weights).sum(dim=1).to(input_ids.device)  # int64 wrap-around is the hash
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -127,17 +144,18 @@ class NClipLoss(nn.Module):
 class ObjectiveLoss(nn.Module):
     """The configured objective over a model's `forward` outputs (already gathered across ranks)."""
 
-    def __init__(self, objective: str, nclip: NClipConfig, num_clusters: int):
+    def __init__(self, objective: str, nclip: NClipConfig, num_clusters: int, multi_positive: bool = False):
         super().__init__()
         if objective not in ("clip", "nclip", "xclip"):
             raise ValueError(f"objective must be clip, nclip or xclip, got {objective!r}")
-        self.objective = objective
+        self.objective, self.multi_positive = objective, multi_positive
         self.nclip = NClipLoss(nclip, num_clusters) if objective in ("nclip", "xclip") else None
 
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         if self.objective in ("clip", "xclip"):
-            terms.update(clip_loss(out["image_embedding"], out["text_embedding"], out["logit_scale"]))
+            keys = out.get("text_key") if self.multi_positive else None
+            terms.update(clip_loss(out["image_embedding"], out["text_embedding"], out["logit_scale"], keys))
         if self.nclip is not None:
             terms.update(self.nclip(out["image_cluster_logits"].float(), out["text_cluster_logits"].float()))
         return terms

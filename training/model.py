@@ -24,6 +24,9 @@ class VisionConfig:
     layers: int = 4
     heads: int = 3
     mlp_ratio: float = 2.0
+    # "patch": one patch_size-strided convolution (ViT). "conv": a stack of 3×3 stride-2 convolutions down to the
+    # same patch grid (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
+    stem: str = "patch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,11 @@ class ClusterHeadConfig:
     hidden_dim: int = 512
     bottleneck_dim: int = 128
     num_clusters: int = 1024
+    # BatchNorm after each hidden layer (SwAV's head). It standardises every feature over the batch, so samples
+    # whose features barely differ at initialisation get distinct cluster scores: without it nCLIP alone sits in
+    # the uniform plateau where targets and predictions are all flat. Per-rank statistics under CPU DDP
+    # (SyncBatchNorm needs CUDA); SyncBatchNorm on CUDA.
+    batch_norm: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +135,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def patch_stem(cfg: VisionConfig) -> nn.Module:
+    """(B, 3, H, W) → (B, width, H/patch, W/patch): a ViT patchify, or a convolutional stem to the same grid."""
+    if cfg.stem == "patch":
+        return nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+    if cfg.stem != "conv":
+        raise ValueError(f"vision.stem must be patch or conv, got {cfg.stem!r}")
+    downsamples = int(math.log2(cfg.patch_size))
+    if 2 ** downsamples != cfg.patch_size:
+        raise ValueError("a conv stem needs a power-of-two vision.patch_size")
+    layers, channels = [], 3
+    for i in range(downsamples):
+        out = max(cfg.width // 2 ** (downsamples - i), 16)
+        layers += [nn.Conv2d(channels, out, 3, 2, 1), nn.GroupNorm(1, out), nn.GELU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, cfg.width, 1))
+
+
 class VisionTower(nn.Module):
     """ViT: patchify → [CLS] + positions → blocks → LayerNorm of [CLS]; (B, 3, H, W) → (B, width)."""
 
@@ -134,7 +159,7 @@ class VisionTower(nn.Module):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
             raise ValueError("vision.image_size must be a multiple of vision.patch_size")
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+        self.patch_embed = patch_stem(cfg)
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.width) * 0.02)
@@ -183,11 +208,12 @@ class ClusterHead(nn.Module):
 
     def __init__(self, in_dim: int, cfg: ClusterHeadConfig):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, cfg.hidden_dim), nn.GELU(),
-            nn.Linear(cfg.hidden_dim, cfg.hidden_dim), nn.GELU(),
-            nn.Linear(cfg.hidden_dim, cfg.bottleneck_dim),
-        )
+        layers: list[nn.Module] = []
+        for width in (in_dim, cfg.hidden_dim):
+            layers.append(nn.Linear(width, cfg.hidden_dim))
+            layers += [nn.BatchNorm1d(cfg.hidden_dim)] if cfg.batch_norm else []
+            layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers, nn.Linear(cfg.hidden_dim, cfg.bottleneck_dim))
         self.prototypes = nn.Parameter(torch.randn(cfg.num_clusters, cfg.bottleneck_dim) * 0.02)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,8 +48,8 @@ def train_run(data: Path, out: Path, objective: str, **overrides) -> Path:
     """A tiny model trained for a few steps on `data`; returns its run directory."""
     from training.trainer import TrainConfig, train
 
-    train(TrainConfig(data=str(data), output=str(out), model="tiny", objective=objective, batch_size=8,
-                      progress=False, **{"epochs": 1, "max_steps": 2, **overrides}))
+    train(TrainConfig(data=str(data), output=str(out), objective=objective, batch_size=8, progress=False,
+                      **{"model": "tiny", "epochs": 1, "max_steps": 2, **overrides}))
     return out
 
 

@@ -23,7 +23,7 @@ from core.tokenizer import TextTokenizer, train_tokenizer
 from training import distributed as dist_utils
 from training.batches import AugmentConfig, BatchSampler, build_cache
 from training.evaluate import evaluate_model, load_eval_sets
-from training.losses import NClipConfig, ObjectiveLoss, collapse_indicators
+from training.losses import NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators
 from training.model import DualEncoder, ModelConfig, count_parameters, load_config
 from training.optim import cosine_lr, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint
 from training.perf import measure_matmul_peak, training_flops_per_sample
@@ -39,12 +39,14 @@ class TrainConfig:
     objective: str = "xclip"
     epochs: int = 30
     max_steps: int | None = None  # stop early (the schedule still spans all epochs): tests and interruptions
-    batch_size: int = 256  # global batch, split across ranks
+    batch_size: int = 64  # global batch, split across ranks
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.1
     warmup_steps: int = 50
     grad_clip: float = 1.0
+    # Identical captions in a batch are all positives of each other (UniCL) instead of each other's negatives.
+    multi_positive: bool = True
     seed: int = 0
     precision: str = "fp32"  # "bf16" autocast or "fp32"; the CLI resolves "auto" (see resolve_precision)
     checkpoint_every: int = 200
@@ -142,10 +144,13 @@ def prepare(cfg: TrainConfig) -> RunState:
     del samples
     sampler = BatchSampler(cache, cfg.batch_size, cfg.seed, cfg.augment)
     model = DualEncoder(model_cfg, eos_id=tokenizer.eos_id).to(info.device)
-    loss_fn = ObjectiveLoss(model_cfg.objective, cfg.nclip, model_cfg.cluster_head.num_clusters).to(info.device)
+    loss_fn = ObjectiveLoss(model_cfg.objective, cfg.nclip, model_cfg.cluster_head.num_clusters,
+                            cfg.multi_positive).to(info.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     start_step = _maybe_resume(cfg, out_dir, model, loss_fn, optimizer)
     perf = _measure_perf(cfg, model, sampler, info) if info.is_main else {}  # before DDP hooks the parameters
+    if info.world_size > 1 and info.device.startswith("cuda"):  # BatchNorm statistics over the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = model if info.world_size == 1 else DistributedDataParallel(model)
     return RunState(cfg, info, out_dir, model_cfg, model, ddp_model, loss_fn, optimizer, sampler, tokenizer,
                     preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict(), perf)
@@ -180,6 +185,8 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
         out = run.ddp_model(pixels.to(info.device), input_ids.to(info.device))
     out = {k: dist_utils.gather_with_local_grad(v.float(), info) if v.ndim else
            dist_utils.shared_parameter(v, info) for k, v in out.items()}
+    if cfg.multi_positive:
+        out["text_key"] = dist_utils.gather_with_local_grad(caption_keys(input_ids).to(info.device), info)
     terms = run.loss_fn(out)
     loss = sum(terms.values())
     (loss * info.world_size).backward()  # DDP averages; the loss already covers the global batch

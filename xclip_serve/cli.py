@@ -47,7 +47,7 @@ def train(
     model: Annotated[str, typer.Option(help="Architecture config name or JSON path.")] = "small",
     objective: Annotated[str, typer.Option(help="clip | nclip | xclip")] = "xclip",
     epochs: int = 30,
-    batch_size: int = 256,
+    batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 only where it is fast)")] = "auto",

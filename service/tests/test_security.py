@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import socket
 
+import httpx
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -19,7 +22,7 @@ from service.errors import (
     PermissionDeniedError,
     status_of,
 )
-from service.inputs import InputDecoder, check_public_url
+from service.inputs import InputDecoder, check_public_url, pinned_request
 from service.settings import Settings
 
 KEYS = json.dumps({"reader": ["read"], "writer": ["write"], "boss": ["admin"]})
@@ -135,3 +138,46 @@ def test_text_and_count_limits(decoder):
 def test_url_guard_refuses_private_and_unlisted_hosts(url, allow, fragment):
     with pytest.raises((BadRequestError, InvalidInputError), match=fragment):
         check_public_url(url, allow, "image")
+
+
+def public_then_private(addresses: list[str]):
+    """A getaddrinfo that answers each address in turn: a DNS name rebound between check and connect."""
+    answers = iter(addresses)
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    return getaddrinfo
+
+
+def test_url_fetch_connects_to_the_checked_address_not_a_rebound_one(monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", public_then_private(["93.184.216.34", "127.0.0.1"]))
+    seen = {}
+
+    class Response:
+        status_code = 200
+
+        def iter_bytes(self):
+            yield b"png"
+
+    @contextlib.contextmanager
+    def stream(client, method, url, **kwargs):
+        seen.update(url=url, follow_redirects=client.follow_redirects, **kwargs)
+        yield Response()
+
+    monkeypatch.setattr(httpx.Client, "stream", stream)
+    decoder = InputDecoder(Settings(url_fetch=True, url_allow_hosts=["images.example.com"], auth_disabled=True))
+    assert decoder.fetch_url("https://images.example.com/cat.png?s=1", "image") == b"png"
+    assert seen["url"] == "https://93.184.216.34/cat.png?s=1"
+    assert seen["headers"] == {"Host": "images.example.com"}
+    assert seen["extensions"] == {"sni_hostname": "images.example.com"}
+    assert seen["follow_redirects"] is False
+
+
+@pytest.mark.parametrize("url, address, expected, host", [
+    ("http://a.example:8080/x.png", "93.184.216.34", "http://93.184.216.34:8080/x.png", "a.example:8080"),
+    ("https://a.example/x.png", "2606:2800:220:1::1", "https://[2606:2800:220:1::1]/x.png", "a.example"),
+])
+def test_pinned_request_keeps_port_path_and_host(url, address, expected, host):
+    pinned, headers, extensions = pinned_request(url, address)
+    assert (pinned, headers["Host"], extensions["sni_hostname"]) == (expected, host, "a.example")

@@ -18,8 +18,9 @@ from core import data as datasets
 from core.bundle import BundleIntegrityError, load_bundle
 from core.onnx_encoder import OnnxEncoder
 from training import export, quantize
-from training.encoders import TorchEncoder
+from training.encoders import TorchEncoder, torch_encoder_from_bundle
 from training.losses import NClipConfig
+from training.model import CONFIG_DIR
 from training.testing import draw_shape, export_run, train_run
 from xclip_serve.cli import app
 
@@ -117,6 +118,23 @@ def test_bundle_holds_no_pickle(bundle_dir, run_dir):
     trained = export.load_run(run_dir)[0].state_dict()
     assert weights.keys() == trained.keys()
     assert all(bool((weights[k] == trained[k]).all()) for k in weights)
+
+
+def test_conv_stem_and_batchnorm_head_export_with_parity(shapes_data, tmp_path):
+    """The small config's convolutional stem and BatchNorm cluster head go through ONNX within the parity bound."""
+    arch = json.loads((CONFIG_DIR / "tiny.json").read_text())
+    arch["vision"]["stem"], arch["cluster_head"]["batch_norm"] = "conv", True
+    (tmp_path / "tiny-conv.json").write_text(json.dumps(arch))
+    run = train_run(shapes_data, tmp_path / "run", "xclip", model=str(tmp_path / "tiny-conv.json"))
+    bundle = load_bundle(export_run(run, shapes_data, tmp_path / "bundle"))
+    assert bundle.config["architecture"]["vision"]["stem"] == "conv"
+    assert all(bundle.config["parity"][m]["passed"] for m in ("image", "text"))
+    torch_encoder = torch_encoder_from_bundle(bundle.path)
+    onnx_encoder = OnnxEncoder(bundle, providers="cpu")
+    images = [s.image for s in datasets.load_samples(str(shapes_data))[0]]
+    expected, got = torch_encoder.encode_images(images), onnx_encoder.encode_images(images)
+    for name in got:
+        assert np.abs(got[name] - expected[name]).max() <= 1e-4, name
 
 
 @pytest.mark.parametrize("objective", ["clip", "nclip"])

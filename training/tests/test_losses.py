@@ -12,6 +12,7 @@ from training.losses import (
     NClipConfig,
     NClipLoss,
     ObjectiveLoss,
+    caption_keys,
     clip_loss,
     collapse_indicators,
     entropy,
@@ -88,6 +89,33 @@ def test_clip_loss_clamps_scale_at_100():
     assert clip_value(image, text, math.log(1000.0)) == pytest.approx(at_cap, rel=1e-6)
     assert at_cap == pytest.approx(reference_clip_loss([[1.0, 0.6], [0.0, 0.8]], 100.0), rel=1e-5)
     assert clip_value(image, text, math.log(50.0)) != pytest.approx(at_cap, rel=1e-3)  # below the cap it matters
+
+
+def test_multi_positive_with_distinct_captions_is_plain_infonce():
+    image, text = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), torch.randn(5, 8)
+    scale, keys = torch.tensor(2.0), torch.arange(5)
+    plain = clip_loss(image, text, scale)["contrastive_loss"]
+    torch.testing.assert_close(clip_loss(image, text, scale, keys)["contrastive_loss"], plain)
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_multi_positive_shares_the_target_between_identical_captions(scale):
+    """Two images, one caption text twice: each row's target is (½, ½), so with orthonormal pairs each
+    direction costs ½·log(1 + e^{-s}) + ½·log(1 + e^{s}); plain InfoNCE would charge only the first."""
+    keys = torch.tensor([7, 7])
+    value = clip_loss(torch.eye(2), torch.eye(2), torch.tensor(math.log(scale)), keys)["contrastive_loss"].item()
+    assert value == pytest.approx((softplus(-scale) + softplus(scale)) / 2, rel=1e-6)
+    # the loss is lowest when both images sit on the shared caption, not when each rejects the other's copy
+    together = clip_loss(torch.ones(2, 2), torch.ones(2, 2), torch.tensor(math.log(scale)), keys)
+    assert together["contrastive_loss"].item() < value
+
+
+def test_caption_keys_are_equal_exactly_for_identical_token_rows():
+    ids = torch.tensor([[1, 5, 9, 2, 0], [1, 5, 9, 2, 0], [1, 9, 5, 2, 0], [1, 5, 9, 2, 2]])
+    keys = caption_keys(ids)
+    assert keys[0] == keys[1]
+    assert len(set(keys[1:].tolist())) == 3  # order and padding count
+    assert torch.equal(caption_keys(ids), keys)  # the same on every call (and every rank)
 
 
 def test_clip_loss_aligned_pairs_near_zero_swapped_pairs_large():

@@ -7,7 +7,17 @@ import json
 import pytest
 import torch
 
-from training.model import CONFIG_DIR, DualEncoder, available_configs, create_model, load_config
+from training.model import (
+    CONFIG_DIR,
+    ClusterHead,
+    ClusterHeadConfig,
+    DualEncoder,
+    VisionConfig,
+    VisionTower,
+    available_configs,
+    create_model,
+    load_config,
+)
 
 EOS = 2
 
@@ -219,3 +229,43 @@ def test_text_without_eos_pools_at_the_last_position():
     changed[0, 10] = 3 if ids[0, 10] != 3 else 4
     with torch.no_grad():
         assert not torch.allclose(model.encode_text(ids), model.encode_text(changed))
+
+
+# ---------------------------------------------------------------------------------------------------- stem and head
+
+
+def test_conv_stem_reaches_the_patch_grid_and_sees_within_patches():
+    cfg = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, stem="conv")
+    tower = VisionTower(cfg).eval()
+    assert tower.patch_embed(random_pixels(2)).shape == (2, 32, 2, 2)
+    pixels = random_pixels(1)
+    moved = pixels.clone()
+    moved[..., 3, 3] += 1.0  # one pixel inside the first patch
+    with torch.no_grad():
+        assert not torch.allclose(tower(pixels), tower(moved))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"stem": "resnet"}, "vision.stem"),
+    ({"stem": "conv", "patch_size": 6, "image_size": 18}, "power-of-two"),
+])
+def test_bad_stem_configs_are_refused(changes, message):
+    cfg = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, **changes}
+    with pytest.raises(ValueError, match=message):
+        VisionTower(VisionConfig(**cfg))
+
+
+def test_batchnorm_head_spreads_nearly_identical_samples():
+    """The uniform plateau of nCLIP: features that barely differ give the same cluster scores without BatchNorm;
+    with it, the batch is standardised and the scores differ by order one."""
+    torch.manual_seed(0)
+    features = torch.randn(1, 32).repeat(16, 1) + 1e-4 * torch.randn(16, 32)
+    spreads = {}
+    for batch_norm in (False, True):
+        head = ClusterHead(32, ClusterHeadConfig(hidden_dim=64, bottleneck_dim=16, num_clusters=8,
+                                                 batch_norm=batch_norm)).train()
+        with torch.no_grad():
+            _, logits = head(features)
+        spreads[batch_norm] = float(logits.std(dim=0).mean())
+    assert spreads[False] < 1e-3
+    assert spreads[True] > 0.05

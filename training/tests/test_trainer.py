@@ -77,9 +77,11 @@ def _torchrun(config: TrainConfig, nproc: int, tmp_path: Path) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("objective", ["clip", "xclip"])
-def test_two_process_ddp_matches_single_process(shapes_data, tmp_path, objective):
-    common = {"objective": objective, "max_steps": 3, "epochs": 1, "checkpoint_every": 100}
+@pytest.mark.parametrize("objective, multi_positive", [("clip", False), ("xclip", True)])
+def test_two_process_ddp_matches_single_process(shapes_data, tmp_path, objective, multi_positive):
+    """Multi-positive targets need every rank's caption keys: batches of 8 shape captions repeat captions."""
+    common = {"objective": objective, "max_steps": 3, "epochs": 1, "checkpoint_every": 100,
+              "multi_positive": multi_positive}
     _torchrun(tiny_config(shapes_data, tmp_path / "single", **common), 1, tmp_path)
     _torchrun(tiny_config(shapes_data, tmp_path / "ddp", **common), 2, tmp_path)
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
