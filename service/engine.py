@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from core.metrics import DEFAULT_TEMPLATES, ensemble_class_embeddings
 from core.preprocess import ImageDecodeError, load_image
 from index.collection import Collection, Item
 from index.errors import IndexStoreError
-from index.store import CollectionStore
+from index.store import NAME_PATTERN, CollectionStore
 from service.errors import (
     ConflictError,
     InvalidInputError,
@@ -38,7 +37,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-LABEL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LABEL_SET_NAME = NAME_PATTERN  # label sets are named like collections
 REEMBED_BATCH = 64
 
 
