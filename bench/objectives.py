@@ -92,7 +92,7 @@ def run_one(objective: str, seed: int, args, data: str | None = None, name: str 
             **{f"heldout/{k}": v for k, v in heldout_cluster_stats(bundle, args.data).items()}}
 
 
-def pixel_probe(data: str, image_size: int = 32) -> dict[str, float]:
+def pixel_probe(data: str, image_size: int) -> dict[str, float]:
     """Reference row: the linear probe on raw pixels at the model's input size (train split → test split),
     through the same preprocessing and the same probe as the models' row."""
     from core import data as datasets
@@ -131,9 +131,9 @@ def table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def reference_row(probe: dict[str, float], headers: list[str]) -> list[str]:
+def reference_row(label: str, probe: dict[str, float], headers: list[str]) -> list[str]:
     values = {COLUMNS[k]: f"{v * 100:.1f}" for k, v in probe.items()}
-    return ["raw pixels 32×32 (reference)", *(values.get(h, "–") for h in headers[1:])]
+    return [label, *(values.get(h, "–") for h in headers[1:])]
 
 
 def main() -> None:
@@ -151,24 +151,20 @@ def main() -> None:
     args = parser.parse_args()
     results_file = Path(args.work) / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    for objective in args.objectives:
-        for seed in args.seeds:
-            key = f"{objective}/{seed}"
-            if key not in results:  # resumable: finished runs are kept
-                results[key] = run_one(objective, seed, args)
-                results_file.write_text(json.dumps(results, indent=1))
+    # name → (objective, data, seeds); finished runs are kept in results.json, so the benchmark resumes
+    plan = {o: (o, args.data, args.seeds) for o in OBJECTIVES if o in args.objectives}
     if args.supervised_reference:
-        labelled = str(label_only_data(args.data, Path(args.work)))
-        for seed in args.reference_seeds:
-            if f"{SUPERVISED}/{seed}" not in results:
-                results[f"{SUPERVISED}/{seed}"] = run_one("clip", seed, args, data=labelled, name="supervised")
+        plan[SUPERVISED] = ("clip", str(label_only_data(args.data, Path(args.work))), args.reference_seeds)
+    for name, (objective, data, seeds) in plan.items():
+        for seed in seeds:
+            if f"{name}/{seed}" not in results:
+                results[f"{name}/{seed}"] = run_one(objective, seed, args, data=data, name=name)
                 results_file.write_text(json.dumps(results, indent=1))
-    seeds = {o: args.seeds for o in OBJECTIVES if o in args.objectives}
-    if args.supervised_reference:
-        seeds[SUPERVISED] = args.reference_seeds
     labels = {SUPERVISED: f"reference: clip on label-only captions, seeds {args.reference_seeds}"}
-    headers, rows = table({labels.get(n, n): [results[f"{n}/{s}"] for s in ss] for n, ss in seeds.items()})
-    rows.append(reference_row(pixel_probe(args.data), headers))
+    headers, rows = table({labels.get(n, n): [results[f"{n}/{s}"] for s in p[2]] for n, p in plan.items()})
+    size = json.loads((Path(args.work) / f"{next(iter(plan))}-s{args.seeds[0]}-bundle" / "preprocess.json")
+                      .read_text())["image_size"]  # the models' input size
+    rows.append(reference_row(f"raw pixels {size}×{size} (reference)", pixel_probe(args.data, size), headers))
     text = markdown_table(headers, rows)
     print(text)
     note = (f"Model `{args.model}`, {args.epochs} epochs, batch {args.batch_size}, seeds {args.seeds}; mean ± half-range over "
