@@ -23,18 +23,21 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def provenance() -> str:
-    command = " ".join(["python", *sys.argv])
-    today = dt.date.today().isoformat()
-    return f"Command: `{command}`  \nMachine: {machine()}  \nDate: {today}\n"
+def provenance(command: str | None = None, where: str | None = None, date: str | None = None) -> str:
+    """Command, machine and date of a measurement: this process's, unless it was taken elsewhere and is only
+    being written here."""
+    command = command or " ".join(["python", *sys.argv])
+    today = date or dt.date.today().isoformat()
+    return f"Command: `{command}`  \nMachine: {where or machine()}  \nDate: {today}\n"
 
 
-def write_section(name: str, title: str, body: str) -> Path:
-    """Replace (or append) the section `name` of docs/BENCHMARKS.md."""
+def write_section(name: str, title: str, body: str, **taken: str) -> Path:
+    """Replace (or append) the section `name` of docs/BENCHMARKS.md; `taken` (command, where, date) names a
+    measurement made on another machine."""
     BENCHMARKS.parent.mkdir(exist_ok=True)
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    section = f"{start}\n## {title}\n\n{provenance()}\n{body.strip()}\n{end}"
+    section = f"{start}\n## {title}\n\n{provenance(**taken)}\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS.write_text(text)

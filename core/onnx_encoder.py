@@ -5,6 +5,8 @@ Used by the service, the index builder and `eval --bundle`; it needs no torch.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from collections.abc import Callable
 
@@ -27,9 +29,28 @@ class ProviderUnavailableError(RuntimeError):
     """The requested ONNX Runtime execution provider is not available in this install."""
 
 
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so")
+
+
+@functools.cache
+def tensorrt_installed() -> bool:
+    """Whether TensorRT's runtime library loads. onnxruntime-gpu lists its TensorRT provider whether or not
+    TensorRT is installed; without it every session logs an "EP Error" and falls back (seen on an H100)."""
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def select_providers(preferred: str = "auto") -> list[str]:
-    """Execution providers to try, best first: "auto" (TensorRT, CUDA, CPU as available), "cuda" or "cpu"."""
+    """Execution providers to try, best first: "auto" (TensorRT when its library is installed, CUDA, CPU, as
+    available), "cuda" or "cpu"."""
     available = set(ort.get_available_providers())
+    if TENSORRT in available and not tensorrt_installed():
+        available.discard(TENSORRT)
     if preferred == "cpu":
         return [CPU]
     if preferred == "cuda":
@@ -82,10 +103,10 @@ class OnnxEncoder:
         if not spin:  # a server shares its cores with the event loop: idle ORT threads must sleep, not spin
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {m: self._open_session(m, variant, options) for m in MODALITIES}
-        # On a GPU, binding inputs/outputs lets ORT copy each input to the device once and allocate outputs
-        # without intermediate staging; on a CPU it only adds bookkeeping. None: on when a GPU provider runs.
-        on_gpu = self.sessions["image"].get_providers()[0] in (TENSORRT, CUDA)
-        self.io_binding = on_gpu if io_binding is None else io_binding
+        # IO binding (inputs bound from host memory, outputs copied back) measured no faster than a plain run
+        # on an H100 with host numpy in and out, and 5-7% slower with the fp16 encoders (docs/BENCHMARKS.md, gpu):
+        # off unless asked for. It pays only when inputs already live on the device, which they never do here.
+        self.io_binding = bool(io_binding)
 
     def _open_session(self, modality: str, variant: str, options: ort.SessionOptions) -> ort.InferenceSession:
         """An inference session over one encoder file, logging the providers it actually got."""

@@ -38,7 +38,8 @@ def resolve_device(requested: str) -> str:
     available = gpu_count()
     if requested == "gpu" and available == 0:
         raise GpuUnavailableError("a GPU was requested for FAISS (XCLIP_FAISS_DEVICE=gpu) but this FAISS has "
-                                  "none: install faiss-gpu-cu12 (pip install '.[gpu]') on a machine with a GPU")
+                                  "none: install faiss-gpu-cu12 (pip install '.[gpu]') or, on CUDA 13, faiss-gpu-cu13-cuvs "
+                                  "(pip install '.[gpu-cu13]') on a machine with a GPU")
     device = "gpu" if requested == "gpu" or (requested == "auto" and available > 0) else "cpu"
     logger.info("FAISS searches on the %s (%d GPUs visible)", device, available)
     return device

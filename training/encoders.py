@@ -44,9 +44,10 @@ class TorchEncoder:
 
     @torch.no_grad()
     def _run(self, modality: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        device = next(self.towers[modality].parameters()).device  # the model's, e.g. CUDA after training there
         starts = range(0, max(len(inputs), 1), self.batch_size)
-        chunks = [self.towers[modality](torch.from_numpy(inputs[i:i + self.batch_size])) for i in starts]
-        return {name: torch.cat([c[j] for c in chunks]).float().numpy() for j, name in enumerate(self.names)}
+        chunks = [self.towers[modality](torch.from_numpy(inputs[i:i + self.batch_size]).to(device)) for i in starts]
+        return {name: torch.cat([c[j] for c in chunks]).float().cpu().numpy() for j, name in enumerate(self.names)}
 
     def encode_images(self, images) -> dict[str, np.ndarray]:
         return self._run("image", preprocess_batch(list(images), self.preprocess))

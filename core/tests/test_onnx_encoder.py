@@ -191,7 +191,24 @@ def test_run_rejects_wrong_rank(encoder):
 )
 def test_select_providers(monkeypatch, available, preferred, expected):
     monkeypatch.setattr(onnx_encoder.ort, "get_available_providers", lambda: available)
+    monkeypatch.setattr(onnx_encoder, "tensorrt_installed", lambda: True)
     assert select_providers(preferred) == expected
+
+
+def test_auto_skips_the_tensorrt_provider_when_tensorrt_is_not_installed(monkeypatch):
+    """onnxruntime-gpu lists TensorRT even without libnvinfer; asking for it then logs an EP error per session."""
+    monkeypatch.setattr(onnx_encoder.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    onnx_encoder.tensorrt_installed.cache_clear()
+    monkeypatch.setattr(onnx_encoder.ctypes, "CDLL", missing)
+    try:
+        assert select_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    finally:
+        onnx_encoder.tensorrt_installed.cache_clear()
 
 
 def test_cuda_unavailable_is_a_clear_error(monkeypatch):
@@ -224,7 +241,7 @@ def test_variant_choice_prefers_fp16_on_gpus_only(tmp_path, requested, providers
 
 
 def test_io_binding_path_gives_the_plain_run_results(encoder):
-    """The GPU default (IO binding) exercised on CPU: same outputs as a plain run."""
+    """The IO-binding path (an option for GPUs) exercised on CPU: same outputs as a plain run."""
     images = random_images(3)
     plain = encoder.encode_images(images)
     encoder.io_binding = True
@@ -239,5 +256,5 @@ def test_io_binding_path_gives_the_plain_run_results(encoder):
     assert texts["embedding"].shape[0] == 2
 
 
-def test_io_binding_is_off_on_cpu_by_default(encoder):
+def test_io_binding_is_off_by_default(encoder):
     assert encoder.io_binding is False
