@@ -71,8 +71,9 @@ class ModelConfig:
 
     @property
     def retrieval_dim(self) -> int:
-        """Width of the served embedding: the contrastive projection, or nCLIP's bottleneck when there is none."""
-        return self.embed_dim if self.objective != "nclip" else self.cluster_head.bottleneck_dim
+        """Width of the served embedding: the contrastive projection; for nCLIP, which has none, the square root of
+        its K-cluster distribution (training/encoders.py: ServedEncoder)."""
+        return self.embed_dim if self.objective != "nclip" else self.cluster_head.num_clusters
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

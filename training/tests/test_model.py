@@ -115,13 +115,38 @@ def test_invalid_objective_is_rejected():
 @pytest.mark.parametrize("objective, dim", [("clip", 32), ("nclip", 16), ("xclip", 32)])
 def test_embedding_shapes_and_normalisation(tiny_models, objective, dim):
     model = tiny_models[objective]
-    assert model.config.retrieval_dim == dim
     with torch.no_grad():
         for emb in (model.encode_image(random_pixels(3)), model.encode_text(random_ids([4, 15, 1]))):
             assert emb.shape == (3, dim)
         for emb in (model.encode_image(random_pixels(3), normalize=True),
                     model.encode_text(random_ids([4, 15, 1]), normalize=True)):
             torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("objective, dim", [("clip", 32), ("nclip", 64), ("xclip", 32)])
+def test_served_embedding_has_the_retrieval_width_and_unit_norm(tiny_models, objective, dim):
+    from training.encoders import ServedEncoder
+
+    model = tiny_models[objective]
+    assert model.config.retrieval_dim == dim
+    with torch.no_grad():
+        for modality, inputs in (("image", random_pixels(3)), ("text", random_ids([4, 15, 1]))):
+            embedding = ServedEncoder(model, modality, 0.1)(inputs)[0]
+            assert embedding.shape == (3, dim)
+            torch.testing.assert_close(embedding.norm(dim=-1), torch.ones(3))
+
+
+def test_nclip_serves_the_square_root_of_its_cluster_distribution(tiny_models):
+    """nCLIP's towers share only the clusters: √p of each side, whose image·text dot product is the
+    Bhattacharyya coefficient of the two distributions."""
+    from training.encoders import ServedEncoder
+
+    model = tiny_models["nclip"]
+    with torch.no_grad():
+        image_emb, image_p = ServedEncoder(model, "image", 0.1)(random_pixels(2))
+        text_emb, text_p = ServedEncoder(model, "text", 0.1)(random_ids([3, 7]))
+    torch.testing.assert_close(image_emb, image_p.sqrt())
+    torch.testing.assert_close(image_emb @ text_emb.t(), (image_p[:, None] * text_p[None]).sqrt().sum(-1))
 
 
 def test_unnormalised_clip_embeddings_are_not_unit_norm(tiny_models):
