@@ -1,8 +1,10 @@
 """The GPU path, measured on a GPU machine: `base` (ViT-B/16 + 12-layer text) trained for a few hundred steps with
 torchrun (nccl, bf16 autocast), exported through the parity gate, then image/text embeddings per second through
-torch CUDA (fp32, bf16) and ONNX Runtime (its best provider there), and FAISS GPU vs CPU search when faiss-gpu is
-installed. Prints one table, writes `gpu.json` + `gpu.md` to --out; `--write-section gpu.json` (run anywhere)
-puts them into docs/BENCHMARKS.md.
+torch CUDA (fp32, bf16) and ONNX Runtime (CPU provider; CUDA with the fp32 and fp16 encoders, with and without IO
+binding, when onnxruntime-gpu is installed), and FAISS GPU vs CPU search when faiss-gpu is installed. Stages
+(`--stages train ort faiss`) merge into --work/gpu.json, so a machine that gets its wheels late can run them
+apart. Prints one table with same-run ratios, writes `gpu.json` + `gpu.md` to --out; `--write-section gpu.json`
+(run anywhere) puts them into docs/BENCHMARKS.md.
 
     bash bench/gpu.sh                     # on the GPU machine (data set from `xclip-serve data emoji`)
 """
