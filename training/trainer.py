@@ -23,7 +23,7 @@ from core.tokenizer import TextTokenizer, train_tokenizer
 from training import distributed as dist_utils
 from training.batches import AugmentConfig, BatchSampler, build_cache
 from training.evaluate import evaluate_model, load_eval_sets
-from training.losses import NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators, nclip_config
+from training.losses import NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators
 from training.model import DualEncoder, ModelConfig, count_parameters, load_config
 from training.optim import cosine_lr, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint
 from training.perf import measure_matmul_peak, training_flops_per_sample
@@ -53,7 +53,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (and always after the last step); 0: only after the last step
     eval_split: str = "val"
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
-    nclip: NClipConfig | None = None  # None: the objective's defaults (losses.nclip_config)
+    nclip: NClipConfig = dataclasses.field(default_factory=NClipConfig)
     vocab_size: int | None = None  # overrides the architecture config's
     max_bad_fraction: float = 0.05
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -61,10 +61,6 @@ class TrainConfig:
     resize_mode: str = "longest_pad"
     resume: bool = True
     progress: bool = True
-
-    def __post_init__(self):
-        if self.nclip is None:
-            self.nclip = nclip_config(self.objective)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,7 +70,7 @@ class TrainConfig:
         data = dict(data)
         data["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in data.get("augment", {}).items()})
-        data["nclip"] = nclip_config(data.get("objective", cls.objective), data.get("nclip"))
+        data["nclip"] = NClipConfig(**data.get("nclip", {}))
         return cls(**data)
 
 

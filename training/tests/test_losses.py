@@ -464,13 +464,3 @@ def test_gradients_reach_every_parameter_of_both_towers(objective, heads):
     no_grad = [name for name, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
 
-
-def test_nclip_alone_defaults_to_stronger_sharpening_and_a_users_value_wins():
-    from training.trainer import TrainConfig
-
-    assert TrainConfig(data="d", objective="nclip").nclip.lambda_eh == 1.0
-    assert TrainConfig(data="d", objective="xclip").nclip.lambda_eh == NClipConfig().lambda_eh == 0.5
-    assert TrainConfig.from_dict({"data": "d", "objective": "nclip"}).nclip.lambda_eh == 1.0
-    assert TrainConfig.from_dict({"data": "d"}).nclip.lambda_eh == 0.5  # xclip, the default objective
-    chosen = TrainConfig.from_dict({"data": "d", "objective": "nclip", "nclip": {"lambda_eh": 0.2, "lambda_he": 2.0}})
-    assert (chosen.nclip.lambda_eh, chosen.nclip.lambda_he) == (0.2, 2.0)
