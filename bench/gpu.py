@@ -46,15 +46,14 @@ def environment() -> dict:
     return env
 
 
-def train(data: str, run: Path, steps: int, gpus: int, model: str, reuse: bool = False) -> dict:
+def train(data: str, run: Path, steps: int, gpus: int, model: str) -> dict:
     """torchrun training of `model` (bf16 on GPUs); the run's metrics.json summary."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(gpus, 1)}", "-m", "xclip_serve.cli", "train",
                "--data", data, "--output", str(run), "--model", model, "--objective", "xclip",
                "--precision", "bf16" if gpus else "fp32", "--batch-size", str(BATCH), "--epochs", "100", "--max-steps", str(steps),
                "--eval-every", "0", "--no-resume"]
     start = time.perf_counter()
-    if not (reuse and (run / "metrics.json").is_file()):
-        subprocess.run(command, check=True)
+    subprocess.run(command, check=True)
     summary = json.loads((run / "metrics.json").read_text())
     return {"wall_s": time.perf_counter() - start, **{k: summary.get(k) for k in (
         "samples_per_second", "mfu", "matmul_peak_flops", "world_size", "train_seconds")}}
@@ -232,7 +231,6 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="train: torchrun training, export (+fp16), torch throughput; ort: ONNX Runtime "
                              "throughput; faiss: GPU vs CPU search. Results merge into --work/gpu.json.")
-    parser.add_argument("--reuse-run", action="store_true", help="keep a finished training run in --work")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu-bench")))
     parser.add_argument("--work", type=Path, default=Path("runs/gpu-bench"))
     parser.add_argument("--write-section", type=Path, help="gpu.json of a GPU run: write docs/BENCHMARKS.md")
@@ -249,8 +247,7 @@ def main() -> None:
     result = json.loads(state.read_text()) if state.is_file() else {}
     result.update(environment=environment(), model=args.model, date=time.strftime("%Y-%m-%d"))
     if "train" in args.stages:
-        result["train"] = train(args.data, args.work / "run", args.steps, result["environment"]["gpus"], args.model,
-                                args.reuse_run)
+        result["train"] = train(args.data, args.work / "run", args.steps, result["environment"]["gpus"], args.model)
         result["parity"] = export(args.work / "run", args.work / "bundle", args.data)
         result["throughput"] = torch_throughput(args.work / "bundle")
     if "ort" in args.stages:

@@ -18,9 +18,8 @@ class ServedEncoder(nn.Module):
 
     CLIP and xCLIP serve their contrastive projection. nCLIP has none, and its two towers share no embedding
     space, only the K clusters (each side's distribution is the other's target). So it serves √p: unit-norm, and
-    the dot product of an image's and a text's is their Bhattacharyya coefficient Σ√(p·q). On the emoji test
-    split this took nCLIP's zero-shot category top-1 from 35.5% to 72.2%, subcategory from 9.1% to 21.0% and
-    text→image R@10 from 5.1% to 25.4% against serving each tower's own bottleneck (seed 0)."""
+    the dot product of an image's and a text's is their Bhattacharyya coefficient Σ√(p·q). Serving each tower's
+    own bottleneck instead left nCLIP's retrieval near chance (docs/BENCHMARKS.md, objectives)."""
 
     def __init__(self, model: DualEncoder, modality: str, cluster_temp: float):
         super().__init__()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -74,10 +75,16 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return {"contrastive_loss": loss}
 
 
+@functools.cache
+def _hash_weights(length: int) -> torch.Tensor:
+    """Fixed random weights of the caption hash: the same in every step and on every rank."""
+    return torch.randint(1, 2**62, (length,), generator=torch.Generator().manual_seed(0))
+
+
 def caption_keys(input_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) token ids → (B,) int64 ids equal exactly for identical token rows (a polynomial hash; rows that
     differ collide with probability ~B²/2⁶⁴)."""
-    weights = torch.randint(1, 2**62, (input_ids.shape[1],), generator=torch.Generator().manual_seed(0))
+    weights = _hash_weights(input_ids.shape[1])
     return (input_ids.long().cpu() * weights).sum(dim=1).to(input_ids.device)  # int64 wrap-around is the hash
 
 

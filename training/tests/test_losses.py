@@ -463,4 +463,3 @@ def test_gradients_reach_every_parameter_of_both_towers(objective, heads):
         assert {"image_head.prototypes", "text_head.prototypes"} <= params.keys()
     no_grad = [name for name, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
-
