@@ -48,7 +48,7 @@ def train(
     objective: Annotated[str, typer.Option(help="clip | nclip | xclip")] = "xclip",
     epochs: int = 30,
     batch_size: int = 64,
-    lr: float = 1e-3,
+    lr: float = 5e-4,
     seed: int = 0,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 only where it is fast)")] = "auto",
     eval_every: Annotated[int, typer.Option(help="Evaluate on the val split every N epochs (0: at the end only).")]
