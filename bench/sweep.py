@@ -21,6 +21,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def model_file(variant: dict, base: str, work: Path) -> str:
         return base
     from training.model import CONFIG_DIR
 
-    data = merged(json.loads((CONFIG_DIR / f"{base}.json").read_text()), variant["model"])
+    base_path = Path(base) if Path(base).suffix else CONFIG_DIR / f"{base}.json"  # a name or a JSON file
+    data = merged(json.loads(base_path.read_text()), variant["model"])
+    base = base_path.stem
     data["name"] = f"{base}-{variant['name']}"
     path = work / f"{variant['name']}.model.json"
     path.write_text(json.dumps(data, indent=1))
@@ -110,6 +113,13 @@ def main() -> None:
     parser.add_argument("--date", help="date of the measurement, if not today")
     parser.add_argument("--command", help="the command that measured the results, if not this one")
     args = parser.parse_args()
+    spec = json.loads(Path(args.spec).read_text())
+    if not isinstance(spec, list) or not all(isinstance(v, dict) for v in spec):
+        parser.error("--spec must be a JSON list of variant objects")
+    names = [v.get("name", "") for v in spec]
+    bad = [n for n in names if not re.fullmatch(r"[\w.+-]+", n)]
+    if bad or len(set(names)) != len(names):
+        parser.error(f"variant names must be unique and made of letters, digits, '.', '+', '-' or '_': {names}")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # workers' numpy/sklearn too:
         os.environ.setdefault(var, str(args.threads))  # oversubscribed BLAS threads slow every worker down
     work = Path(args.work)
@@ -117,7 +127,6 @@ def main() -> None:
     results_path = Path(args.results) if args.results else work / "sweep.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["name"], r["seed"]) for r in rows}
-    spec = json.loads(Path(args.spec).read_text())
     jobs = [(v, s) for v in spec for s in v.get("seeds", [0]) if (v["name"], s) not in done]
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_one, v, s, args.data, work, args.model, args.threads): (v["name"], s)

@@ -47,3 +47,13 @@ def test_the_sweep_resumes_without_rerunning_finished_variants(shapes_data, tmp_
     second = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "done a" not in second.stdout  # nothing left to run
     assert json.loads((tmp_path / "work" / "sweep.json").read_text()) == rows
+
+
+def test_a_spec_with_a_bad_or_repeated_name_is_refused_before_training(tmp_path):
+    for names in (["a", "a"], ["../escape"]):
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps([{"name": n} for n in names]))
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--spec", str(spec),
+                               "--work", str(tmp_path / "work")], check=False, capture_output=True, text=True)
+        assert done.returncode == 2 and "variant names must be unique" in done.stderr
+        assert not (tmp_path / "work" / "sweep.json").exists()
