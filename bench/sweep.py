@@ -46,15 +46,14 @@ def merged(base: dict, overrides: dict) -> dict:
 
 
 def model_file(variant: dict, base: str, work: Path) -> str:
-    """A JSON architecture file for the variant's model overrides (or the base config's name if it has none)."""
+    """A JSON architecture file for the variant's model overrides (or the base config as given if it has none)."""
     if not variant.get("model"):
         return base
-    from training.model import CONFIG_DIR
+    from training.model import load_config
 
-    base_path = Path(base) if Path(base).suffix else CONFIG_DIR / f"{base}.json"  # a name or a JSON file
-    data = merged(json.loads(base_path.read_text()), variant["model"])
-    base = base_path.stem
-    data["name"] = f"{base}-{variant['name']}"
+    config = load_config(base)  # a shipped config's name or a JSON file, as `train --model` takes it
+    data = merged(config.to_dict(), variant["model"])
+    data["name"] = f"{config.name}-{variant['name']}"
     path = work / f"{variant['name']}.model.json"
     path.write_text(json.dumps(data, indent=1))
     return str(path)
@@ -82,7 +81,8 @@ def run_one(variant: dict, seed: int, data: str, work: Path, base: str, threads:
 def table(rows: list[dict], reference: str | None, order: list[str] = ()) -> str:
     """Mean ± half-range over seeds per variant (in `order`, then the rest), in percent; FLOPs per sample relative
     to the reference variant."""
-    names = list(dict.fromkeys([*(n for n in order if any(r["name"] == n for r in rows)), *(r["name"] for r in rows)]))
+    present = dict.fromkeys(r["name"] for r in rows)
+    names = [n for n in order if n in present] + [n for n in present if n not in order]
     ref_flops = next((r["flops_per_sample"] for r in rows if r["name"] == reference), None)
     out = []
     for name in names:

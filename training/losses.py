@@ -39,9 +39,9 @@ class NClipConfig:
     center_momentum: float = 0.9
     # λ_EH: weight of the mean per-sample entropy (sharpness). On the emoji val split (xCLIP, 30 epochs, batch 256)
     # 0.1 left 1.35 nats between the entropy of the mean and the mean entropy; 0.5 gave 2.1 nats. At batch 64,
-    # 1.0 beat 0.5 on the test split (3 seeds): xCLIP R@1 13.4 vs 11.5, probe 42.1 vs 37.8, zero-shot equal
+    # 1.0 beat 0.5 on the test split (3 seeds, lr 1e-3): xCLIP R@1 13.4 vs 11.5, probe 42.1 vs 37.8, zero-shot equal
     # (22.5 vs 22.1), held-out gap 2.93 vs 2.31 nats; nCLIP alone gap 2.76 vs 1.85, 26.3% vs 21.5% of the
-    # clusters in use (docs/BENCHMARKS.md).
+    # clusters in use (docs/BENCHMARKS.md as of commit 4ec5073).
     lambda_eh: float = 1.0
     # λ_HE: weight of the entropy of the batch-mean distribution (diversity); MSN's me-max regulariser uses 1.
     lambda_he: float = 1.0

@@ -40,8 +40,8 @@ class TrainConfig:
     epochs: int = 30
     max_steps: int | None = None  # stop early (the schedule still spans all epochs): tests and interruptions
     batch_size: int = 64  # global batch, split across ranks
-    # 5e-4 over 1e-3: better zero-shot subcategory and probe for all three objectives on the val split
-    # (docs/BENCHMARKS.md, "sweep": bench/sweeps/recipe.json)
+    # 5e-4 over 1e-3: better zero-shot subcategory and R@1 for all three objectives on the val split, and a better
+    # probe for xCLIP and nCLIP (CLIP's within the spread) (docs/BENCHMARKS.md, "sweep": bench/sweeps/recipe.json)
     lr: float = 5e-4
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.1
