@@ -104,8 +104,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/sweep")
     parser.add_argument("--model", default="small", help="base architecture config")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
-                        help="torch threads per worker")
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: the cores shared out)")
     parser.add_argument("--reference", default="lr1e-3", help="variant whose FLOPs the table divides by")
     parser.add_argument("--results", help="results file (default WORK/sweep.json)")
     parser.add_argument("--write-section", action="store_true", help="write the table to docs/BENCHMARKS.md")
@@ -120,6 +119,9 @@ def main() -> None:
     bad = [n for n in names if not re.fullmatch(r"[\w.+-]+", n)]
     if bad or len(set(names)) != len(names):
         parser.error(f"variant names must be unique and made of letters, digits, '.', '+', '-' or '_': {names}")
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--workers and --threads must be at least 1")
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # workers' numpy/sklearn too:
         os.environ.setdefault(var, str(args.threads))  # oversubscribed BLAS threads slow every worker down
     work = Path(args.work)

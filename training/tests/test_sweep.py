@@ -57,3 +57,13 @@ def test_a_spec_with_a_bad_or_repeated_name_is_refused_before_training(tmp_path)
                                "--work", str(tmp_path / "work")], check=False, capture_output=True, text=True)
         assert done.returncode == 2 and "variant names must be unique" in done.stderr
         assert not (tmp_path / "work" / "sweep.json").exists()
+
+
+def test_zero_workers_or_threads_are_refused_before_training(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([{"name": "a"}]))
+    for flags in (["--workers", "0"], ["--threads", "0"]):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "--spec", str(spec),
+                               "--work", str(tmp_path / "work"), *flags], check=False, capture_output=True, text=True)
+        assert done.returncode == 2 and "must be at least 1" in done.stderr
+        assert not (tmp_path / "work" / "sweep.json").exists()
