@@ -3,6 +3,9 @@ ONNX, test split) and nCLIP cluster statistics on all held-out images (val + tes
 `objectives` section of docs/BENCHMARKS.md.
 
     python bench/objectives.py --data .cache/data/emoji-16.0.0 --seeds 0 1 2 [--supervised-reference]
+
+Finished runs are kept in WORK/results.json: a rerun only trains what is missing; `--reevaluate` re-scores the
+finished runs' bundles on the test split (minutes, no training) when the evaluation changes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ COLUMNS = {  # metric key → column title
     "retrieval/t2i_r1": "t→i R@1", "retrieval/t2i_r5": "t→i R@5", "retrieval/t2i_r10": "t→i R@10",
     "retrieval/i2t_r1": "i→t R@1", "zeroshot/category/top1": "ZS cat top1",
     "zeroshot/subcategory/top1": "ZS subcat top1", "zeroshot/subcategory/top5": "ZS subcat top5",
-    "linear_probe/subcategory": "LP subcat", "linear_probe/category": "LP cat",
+    "zeroshot_by_group/subcategory/top1": "ZS subcat top1 per emoji",
+    "linear_probe/subcategory": "LP subcat", "linear_probe_by_group/subcategory": "LP subcat per emoji",
+    "linear_probe/category": "LP cat",
 }
 CLUSTER_COLUMNS = {"clusters_used_frac": "clusters used (held-out)", "entropy_gap": "H(mean)−mean H (nats)"}
 TIME_COLUMNS = {"wall_seconds": "wall s (train+export+eval)", "samples_per_second": "samples/s", "mfu": "MFU"}
@@ -75,19 +80,25 @@ def label_only_data(data: str, work: Path, label: str = "subcategory") -> Path:
     return out
 
 
+def evaluate_test(name: str, seed: int, args) -> dict:
+    """`eval` of a run's bundle on the test split of args.data (through ONNX); returns its metrics."""
+    bundle, metrics_file = Path(args.work) / f"{name}-s{seed}-bundle", Path(args.work) / f"{name}-s{seed}-test.json"
+    cli("eval", "--bundle", str(bundle), "--data", args.data, "--split", "test", "--output", str(metrics_file))
+    return json.loads(metrics_file.read_text())
+
+
 def run_one(objective: str, seed: int, args, data: str | None = None, name: str | None = None) -> dict:
     """Train, export and evaluate one (objective, seed) on `data` (default: args.data); returns its metrics."""
     name, data = name or objective, data or args.data
     run, bundle = Path(args.work) / f"{name}-s{seed}", Path(args.work) / f"{name}-s{seed}-bundle"
-    metrics_file = Path(args.work) / f"{name}-s{seed}-test.json"
     start = time.perf_counter()
     cli("train", "--data", data, "--output", str(run), "--model", args.model, "--objective", objective,
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed), "--eval-every", "10", "--no-resume")
     cli("export", "--run", str(run), "--output", str(bundle), "--data", args.data, "--overwrite")
-    cli("eval", "--bundle", str(bundle), "--data", args.data, "--split", "test", "--output", str(metrics_file))
+    test_metrics = evaluate_test(name, seed, args)
     wall = time.perf_counter() - start
     summary = json.loads((run / "metrics.json").read_text())
-    return {**json.loads(metrics_file.read_text()), "wall_seconds": wall,
+    return {**test_metrics, "wall_seconds": wall,
             "samples_per_second": summary["samples_per_second"], "mfu": summary["mfu"],
             **{f"heldout/{k}": v for k, v in heldout_cluster_stats(bundle, args.data).items()}}
 
@@ -96,16 +107,21 @@ def pixel_probe(data: str, image_size: int) -> dict[str, float]:
     """Reference row: the linear probe on raw pixels at the model's input size (train split → test split),
     through the same preprocessing and the same probe as the models' row."""
     from core import data as datasets
-    from core.metrics import linear_probe
+    from core.metrics import group_weights, mean_hit, probe_predictions
     from core.preprocess import PreprocessConfig, preprocess_batch
 
     preprocess = PreprocessConfig(image_size=image_size)
     sets = {split: list(datasets.iter_samples(data, split=split)) for split in ("train", "test")}
     pixels = {split: preprocess_batch([s.image for s in samples], preprocess).reshape(len(samples), -1)
               for split, samples in sets.items()}
-    return {f"linear_probe/{name}": linear_probe(pixels["train"], [s.labels[name] for s in sets["train"]],
-                                                pixels["test"], [s.labels[name] for s in sets["test"]])
-            for name in ("subcategory", "category")}
+    weights = group_weights([s.group for s in sets["test"]])
+    results = {}
+    for name in ("subcategory", "category"):
+        predicted = probe_predictions(pixels["train"], [s.labels[name] for s in sets["train"]], pixels["test"])
+        hits = predicted == [s.labels[name] for s in sets["test"]]
+        results[f"linear_probe/{name}"] = mean_hit(hits)
+        results[f"linear_probe_by_group/{name}"] = mean_hit(hits, weights)
+    return results
 
 
 def mean_spread(values: list[float], percent: bool) -> str:
@@ -132,7 +148,7 @@ def table(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
 
 
 def reference_row(label: str, probe: dict[str, float], headers: list[str]) -> list[str]:
-    values = {COLUMNS[k]: f"{v * 100:.1f}" for k, v in probe.items()}
+    values = {COLUMNS[k]: f"{v * 100:.1f}" for k, v in probe.items() if k in COLUMNS}
     return [label, *(values.get(h, "–") for h in headers[1:])]
 
 
@@ -148,6 +164,9 @@ def main() -> None:
     parser.add_argument("--supervised-reference", action="store_true",
                         help="also train CLIP on captions that are only the subcategory label (a reference row)")
     parser.add_argument("--reference-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="re-run only the test evaluation of finished runs (their bundles), e.g. after the "
+                             "evaluation gained a metric; training time and cluster statistics are kept")
     args = parser.parse_args()
     results_file = Path(args.work) / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
@@ -157,9 +176,14 @@ def main() -> None:
         plan[SUPERVISED] = ("clip", str(label_only_data(args.data, Path(args.work))), args.reference_seeds)
     for name, (objective, data, seeds) in plan.items():
         for seed in seeds:
-            if f"{name}/{seed}" not in results:
-                results[f"{name}/{seed}"] = run_one(objective, seed, args, data=data, name=name)
-                results_file.write_text(json.dumps(results, indent=1))
+            key = f"{name}/{seed}"
+            if key not in results:
+                results[key] = run_one(objective, seed, args, data=data, name=name)
+            elif args.reevaluate:
+                results[key] = {**results[key], **evaluate_test(name, seed, args)}
+            else:
+                continue
+            results_file.write_text(json.dumps(results, indent=1))
     labels = {SUPERVISED: f"reference: clip on label-only captions, seeds {args.reference_seeds}"}
     headers, rows = table({labels.get(n, n): [results[f"{n}/{s}"] for s in p[2]] for n, p in plan.items()})
     size = json.loads((Path(args.work) / f"{next(iter(plan))}-s{args.seeds[0]}-bundle" / "preprocess.json")
@@ -169,7 +193,9 @@ def main() -> None:
     print(text)
     note = (f"Model `{args.model}`, {args.epochs} epochs, batch {args.batch_size}, seeds {args.seeds}; mean ± half-range over "
             "seeds. Retrieval, zero-shot and linear probe (LP) on the test split (held-out emoji), through the "
-            "exported ONNX files; cluster statistics of the image tower over all held-out images (val + test). "
+            "exported ONNX files; \"per emoji\": each held-out emoji weighs one, its skin-tone variants sharing "
+            "that weight (the plain columns count every image, so an emoji drawn in 26 tones counts 26 times); "
+            "cluster statistics of the image tower over all held-out images (val + test). "
             "References: with `--supervised-reference`, CLIP trained on captions that are only \"a {subcategory} "
             "emoji\" (what the labels alone teach this model in this budget); last, the same linear probe on raw "
             "pixels.\n\n")

@@ -33,6 +33,7 @@ from bench.report import markdown_table, write_section
 METRICS = {  # table columns: the emoji label sets; each result row keeps every metric of the evaluation
     "retrieval/t2i_r1": "t→i R@1", "zeroshot/category/top1": "ZS cat", "zeroshot/subcategory/top1": "ZS subcat",
     "linear_probe/subcategory": "LP subcat", "linear_probe/category": "LP cat",
+    "zeroshot_by_group/subcategory/top1": "ZS subcat per emoji", "linear_probe_by_group/subcategory": "LP subcat per emoji",
     "clusters/image/clusters_used_frac": "clusters used",
 }
 

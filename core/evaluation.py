@@ -2,6 +2,10 @@
 
 Training-time evaluation (torch encoders) and `eval --bundle` (ONNX encoders) both call `evaluate`; the
 encoders are plain callables returning {"embedding": (N, D) normalised, optionally "cluster_probs": (N, K)}.
+
+Where several images share a group (the emoji data's skin-tone variants of one base emoji), zero-shot and probe
+accuracy are also given per group (`zeroshot_by_group/...`, `linear_probe_by_group/...`): each group weighs one, so
+a held-out emoji drawn in 26 skin tones does not count 26 times.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from core.metrics import (
     DEFAULT_TEMPLATES,
     cluster_stats,
     ensemble_class_embeddings,
-    linear_probe,
+    group_weights,
+    mean_hit,
+    probe_predictions,
     retrieval_recall,
     zero_shot_accuracy,
 )
@@ -159,20 +165,31 @@ def _zero_shot(
             "zero-shot %s: %d images have labels outside the label set", name, int((labels < 0).sum())
         )
     class_emb = ensemble_class_embeddings(lambda t: encode_texts(t)["embedding"], classnames, templates)
-    accuracy = zero_shot_accuracy(image_emb[keep], class_emb, labels)
-    return {f"zeroshot/{name}/{k}": v for k, v in accuracy.items()}
+    results = {f"zeroshot/{name}/{k}": v for k, v in zero_shot_accuracy(image_emb[keep], class_emb, labels).items()}
+    groups = [eval_set.groups[i] for i in keep]
+    if _groups_repeat(groups):
+        by_group = zero_shot_accuracy(image_emb[keep], class_emb, labels, weights=group_weights(groups))
+        results.update({f"zeroshot_by_group/{name}/{k}": v for k, v in by_group.items()})
+    return results
+
+
+def _groups_repeat(groups: Sequence[str]) -> bool:
+    """True when some group has several images: only then do per-group accuracies differ from per-image ones."""
+    return len(set(groups)) < len(groups)
 
 
 def _probe_data(
     encode_images: EncodeImages, image_emb: np.ndarray, eval_set: EvalSet, probe_train: EvalSet | None
-) -> tuple[np.ndarray, dict, np.ndarray, dict]:
-    """(train_x, train_labels, test_x, test_labels): probe set vs eval_set, or a 70/30 group split of it."""
+) -> tuple[np.ndarray, dict, np.ndarray, dict, list[str]]:
+    """(train_x, train_labels, test_x, test_labels, test_groups): probe set vs eval_set, or a 70/30 group split."""
     if probe_train is not None:
-        return encode_images(probe_train.images)["embedding"], probe_train.labels, image_emb, eval_set.labels
+        train_x = encode_images(probe_train.images)["embedding"]
+        return train_x, probe_train.labels, image_emb, eval_set.labels, eval_set.groups
     train_idx, test_idx = split_by_group(eval_set.groups)
     train_labels = {n: [v[i] for i in train_idx] for n, v in eval_set.labels.items()}
     test_labels = {n: [v[i] for i in test_idx] for n, v in eval_set.labels.items()}
-    return image_emb[train_idx], train_labels, image_emb[test_idx], test_labels
+    test_groups = [eval_set.groups[i] for i in test_idx]
+    return image_emb[train_idx], train_labels, image_emb[test_idx], test_labels, test_groups
 
 
 def _linear_probes(
@@ -182,10 +199,11 @@ def _linear_probes(
     probe_train: EvalSet | None,
     names: list[str],
 ) -> dict[str, float]:
-    """`linear_probe/<name>` for each label set with labelled images on both sides of the split."""
+    """`linear_probe/<name>` for each label set with labelled images on both sides of the split, and
+    `linear_probe_by_group/<name>` (each group weighs one) when a group has several test images."""
     if not names or (probe_train is None and len(set(eval_set.groups)) < 2):
         return {}
-    train_x, train_labels, test_x, test_labels = _probe_data(encode_images, image_emb, eval_set, probe_train)
+    train_x, train_labels, test_x, test_labels, groups = _probe_data(encode_images, image_emb, eval_set, probe_train)
     results = {}
     for name in names:
         train_keep, test_keep = _known(train_labels.get(name, [])), _known(test_labels[name])
@@ -193,8 +211,11 @@ def _linear_probes(
             logger.warning("linear probe %s skipped: no labelled images on one side", name)
             continue
         train_y = [train_labels[name][i] for i in train_keep]
-        test_y = [test_labels[name][i] for i in test_keep]
-        results[f"linear_probe/{name}"] = linear_probe(
-            train_x[train_keep], train_y, test_x[test_keep], test_y
+        hits = probe_predictions(train_x[train_keep], train_y, test_x[test_keep]) == np.array(
+            [test_labels[name][i] for i in test_keep]
         )
+        results[f"linear_probe/{name}"] = mean_hit(hits)
+        test_groups = [groups[i] for i in test_keep]
+        if _groups_repeat(test_groups):
+            results[f"linear_probe_by_group/{name}"] = mean_hit(hits, group_weights(test_groups))
     return results

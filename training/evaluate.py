@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from core import data as datasets
 from core.evaluation import EvalSet, eval_set_from_samples, evaluate
+from core.metrics import DEFAULT_TEMPLATES
 from core.preprocess import PreprocessConfig
 from core.tokenizer import TextTokenizer
 from training.encoders import TorchEncoder
@@ -42,7 +44,8 @@ def _merge(a: dict[str, list[str]], b: dict[str, list[str]], only: dict | None =
 
 
 def evaluate_model(model: DualEncoder, tokenizer: TextTokenizer, preprocess: PreprocessConfig,
-                   sets: EvalSets, cluster_temp: float) -> dict:
-    """Zero-shot, retrieval, linear probe and cluster statistics of a torch model."""
+                   sets: EvalSets, cluster_temp: float, templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict:
+    """Zero-shot (with `templates`), retrieval, linear probe and cluster statistics of a torch model."""
     encoder = TorchEncoder(model, tokenizer, preprocess, cluster_temp)
-    return evaluate(encoder.encode_images, encoder.encode_texts, sets.eval_set, sets.probe_train, sets.label_sets)
+    return evaluate(encoder.encode_images, encoder.encode_texts, sets.eval_set, sets.probe_train, sets.label_sets,
+                    templates)

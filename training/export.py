@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from core import __version__
 from core.bundle import BUNDLE_FORMAT, load_bundle
 from core.manifest import write_manifest
+from core.metrics import DEFAULT_TEMPLATES
 from core.preprocess import PreprocessConfig
 from core.tokenizer import TextTokenizer
 from training.encoders import ServedEncoder, output_names
@@ -103,6 +104,7 @@ def bundle_config(model: DualEncoder, meta: dict, tokenizer: TextTokenizer, metr
         "cluster_temperature": nclip.student_temp if cfg.has_clusters else None,
         "logit_scale": scale, "context_length": tokenizer.context_length, "image_size": cfg.vision.image_size,
         "architecture": cfg.to_dict(), "data_fingerprint": meta.get("data_fingerprint"), "metrics": metrics,
+        "templates": list(meta["train"].get("templates") or DEFAULT_TEMPLATES),
         "training": meta["train"], "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "onnx": {"image": "image_encoder.onnx", "text": "text_encoder.onnx", "inputs": INPUT_NAMES,
                  "outputs": output_names(model), "opset": ONNX_OPSET},

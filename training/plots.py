@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 EVAL_KEYS = ("retrieval/t2i_r1", "retrieval/i2t_r1", "zeroshot/subcategory/top1", "zeroshot/category/top1",
-             "linear_probe/subcategory")
+             "zeroshot_by_group/subcategory/top1", "linear_probe/subcategory", "linear_probe_by_group/subcategory")
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from core import data as datasets
+from core.metrics import DEFAULT_TEMPLATES
 from core.preprocess import PreprocessConfig
 from core.tokenizer import TextTokenizer, train_tokenizer
 from training import distributed as dist_utils
@@ -61,8 +62,16 @@ class TrainConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resize_mode: str = "longest_pad"
+    # zero-shot prompt templates (one "{}" each, ensembled): evaluation uses them and the bundle records them for
+    # `eval --bundle` and the service; the default is the emoji captions' form
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
     resume: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        self.templates = tuple(self.templates)
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise ValueError(f"templates must be a non-empty list with exactly one '{{}}' each, got {self.templates}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -263,7 +272,8 @@ def _checkpoint(run: RunState, step: int) -> None:
 def _evaluate(run: RunState, step: int, eval_sets, metrics_file) -> dict:
     run.model.eval()
     run.loss_fn.eval()
-    result = evaluate_model(run.model, run.tokenizer, run.preprocess, eval_sets, run.cfg.nclip.student_temp)
+    result = evaluate_model(run.model, run.tokenizer, run.preprocess, eval_sets, run.cfg.nclip.student_temp,
+                            run.cfg.templates)
     run.model.train()
     run.loss_fn.train()
     record = {"step": step, "eval": result}

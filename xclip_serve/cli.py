@@ -19,8 +19,9 @@ app.add_typer(index_app, name="index")
 
 DEFAULT_CACHE = Path(".cache/data")
 SUMMARY_KEYS = ("zeroshot/category/top1", "zeroshot/subcategory/top1", "zeroshot/subcategory/top5",
-                "retrieval/t2i_r1", "retrieval/t2i_r5", "retrieval/t2i_r10", "retrieval/i2t_r1",
-                "linear_probe/subcategory", "linear_probe/category", "clusters/image/clusters_used_frac",
+                "zeroshot_by_group/subcategory/top1", "retrieval/t2i_r1", "retrieval/t2i_r5", "retrieval/t2i_r10",
+                "retrieval/i2t_r1", "linear_probe/subcategory", "linear_probe/category",
+                "linear_probe_by_group/subcategory", "clusters/image/clusters_used_frac",
                 "clusters/image/entropy_gap")
 
 
@@ -56,6 +57,9 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON file of TrainConfig fields (nclip.*, augment.*).")]
         = None,
+    template: Annotated[list[str] | None, typer.Option(
+        help="Zero-shot prompt template with one '{}' (repeat to ensemble); recorded in the bundle. "
+             "Default: the emoji captions' 'a {} emoji'.")] = None,
     no_resume: bool = False,
 ) -> None:
     """Train a model; resumes from the run directory's latest checkpoint."""
@@ -66,7 +70,13 @@ def train(
     fields.update(data=data, output=str(output), model=model, objective=objective, epochs=epochs,
                   batch_size=batch_size, lr=lr, seed=seed, precision=resolve_precision(precision),
                   eval_every=eval_every, max_steps=max_steps, resume=not no_resume)
-    summary = run_training(TrainConfig.from_dict(fields))
+    if template:
+        fields["templates"] = template
+    try:
+        train_config = TrainConfig.from_dict(fields)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    summary = run_training(train_config)
     if summary:
         print_summary(summary)
 
@@ -100,11 +110,15 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split to evaluate (all data when the set has no split).")] = "test",
     variant: Annotated[str, typer.Option(help="fp32 | int8")] = "fp32",
     output: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        help="Zero-shot prompt template with one '{}' (repeat to ensemble); default: the bundle's own.")] = None,
 ) -> None:
     """Evaluate an exported bundle through its ONNX files on any labelled data set."""
     from training.bundle_eval import evaluate_bundle
 
-    metrics = evaluate_bundle(bundle, data, split=split, label_sets=label_set, variant=variant)
+    if template and any(t.count("{}") != 1 for t in template):
+        raise typer.BadParameter("every template must contain exactly one '{}'", param_hint="--template")
+    metrics = evaluate_bundle(bundle, data, split=split, label_sets=label_set, variant=variant, templates=template)
     if output:
         output.write_text(json.dumps(metrics, indent=1))
     print_summary({"eval": metrics})

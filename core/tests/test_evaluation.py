@@ -77,7 +77,33 @@ def test_evaluate_hand_computed():
     expected = {f"retrieval/{d}_r{k}": 1.0 for d in ("t2i", "i2t") for k in (1, 5, 10)}
     # "blue" is outside the label set, so it misses even at top5 (with only two classes)
     expected |= {"zeroshot/color/top1": 5 / 7, "zeroshot/color/top5": 6 / 7, "linear_probe/color": 5 / 7}
+    # per group (each weighs one): g0 and g1 right, g2 half right, g3 (only its "blue" image labelled) wrong
+    expected |= {"zeroshot_by_group/color/top1": 2.5 / 4, "zeroshot_by_group/color/top5": 3 / 4,
+                 "linear_probe_by_group/color": 2.5 / 4}
     assert results == pytest.approx(expected)  # no "shape" keys: the eval data has no shape labels
+
+
+def test_a_group_of_many_images_weighs_one_in_the_by_group_accuracies():
+    # group g0: 9 images, all mislabelled "green"; groups g1..g3: one image each, labelled right
+    eval_set = make_eval_set([0], per_group=9, color_labels=["green"] * 9)
+    for g in (1, 2, 3):
+        eval_set.images.append(make_image(g, 0))
+        eval_set.texts.append(f"photo of group {g}")
+        eval_set.groups.append(f"g{g}")
+        eval_set.labels["color"].append("red")
+    probe_train = make_eval_set([0, 1, 0, 1], per_group=1)
+    results = evaluate(encode_images, encode_texts, eval_set, probe_train, LABEL_SETS)
+    assert results["zeroshot/color/top1"] == pytest.approx(3 / 12)  # per image: the 9 wrong ones dominate
+    assert results["zeroshot_by_group/color/top1"] == pytest.approx(3 / 4)
+    assert results["linear_probe/color"] == pytest.approx(3 / 12)
+    assert results["linear_probe_by_group/color"] == pytest.approx(3 / 4)
+
+
+def test_no_by_group_keys_when_every_group_has_one_image():
+    results = evaluate(encode_images, encode_texts, make_eval_set([0, 1, 0, 1], per_group=1),
+                       make_eval_set([0, 1], per_group=1), LABEL_SETS)
+    assert "zeroshot/color/top1" in results and "linear_probe/color" in results
+    assert not any("_by_group/" in key for key in results)
 
 
 def test_retrieval_misses_are_counted():

@@ -9,6 +9,7 @@ from core.metrics import (
     DEFAULT_TEMPLATES,
     cluster_stats,
     ensemble_class_embeddings,
+    group_weights,
     linear_probe,
     retrieval_recall,
     zero_shot_accuracy,
@@ -36,6 +37,10 @@ def test_zero_shot_hand_computed():
     labels = np.array([0, 1, 5, 3])
     assert zero_shot_accuracy(images, classes, labels) == {"top1": 0.5, "top5": 0.75}
     assert zero_shot_accuracy(images, classes, labels, ks=(2,)) == {"top2": 0.75}
+    # the first two images are one group: it weighs one, as much as each of the other two
+    weights = group_weights(["g", "g", "h", "i"])
+    assert zero_shot_accuracy(images, classes, labels, weights=weights) == pytest.approx({"top1": 1.5 / 3,
+                                                                                          "top5": 2 / 3})
 
 
 def test_zero_shot_k_larger_than_classes_is_a_hit():
@@ -131,6 +136,19 @@ def test_linear_probe_counts_unseen_labels_wrong():
     assert linear_probe(train_x, names[train_y], test_x, names[test_y]) == pytest.approx(2 / 3)
 
 
+def test_linear_probe_weighted_by_group():
+    x = np.zeros((4, 2), np.float32)
+    weights = group_weights(["a", "a", "a", "b"])  # the three "a" images share one weight
+    assert weights.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    assert linear_probe(x, ["x"] * 4, x, ["y", "y", "y", "x"], weights=weights) == pytest.approx(0.5)
+
+
+def test_linear_probe_refuses_mismatched_test_labels():
+    x = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match="test_y"):
+        linear_probe(x, ["a", "b"] * 2, x, ["a"])
+
+
 def test_linear_probe_single_training_class():
     x = np.zeros((4, 2), np.float32)
     assert linear_probe(x, ["a"] * 4, x, ["a", "b", "a", "b"]) == 0.5
@@ -190,5 +208,5 @@ def test_ensemble_class_embeddings():
     assert sorted(seen[0]) == sorted(vectors)
 
 
-def test_default_templates_include_the_bare_name():
-    assert "{}" in DEFAULT_TEMPLATES and all("{}" in t for t in DEFAULT_TEMPLATES)
+def test_default_templates_each_hold_one_placeholder():
+    assert DEFAULT_TEMPLATES and all(t.count("{}") == 1 for t in DEFAULT_TEMPLATES)

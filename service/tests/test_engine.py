@@ -58,6 +58,12 @@ def test_classify_is_softmax_of_scaled_cosines_to_ensembled_labels(engine):
     assert len(model.label_cache) == 1  # the label embeddings are cached per model
 
 
+def test_classify_prompts_default_to_the_bundles_own_templates(engine):
+    model = engine.registry.active
+    assert engine.resolve_labels(model, ["red"], None, None)[1] == model.bundle.config["templates"]
+    assert engine.resolve_labels(model, ["red"], None, ["the {}"])[1] == ["the {}"]  # a request's own win
+
+
 @pytest.mark.parametrize("labels, label_set, templates, error", [
     (None, None, None, InvalidInputError),
     (["a"], "shape", None, InvalidInputError),

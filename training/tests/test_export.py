@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from core import data as datasets
 from core.bundle import BundleIntegrityError, load_bundle
 from core.onnx_encoder import OnnxEncoder
-from training import export, quantize
+from training import bundle_eval, export, quantize
 from training.encoders import TorchEncoder, torch_encoder_from_bundle
 from training.losses import NClipConfig
 from training.model import CONFIG_DIR
@@ -206,3 +206,20 @@ def test_eval_cli_writes_metrics(bundle_dir, shapes_data, tmp_path):
     metrics = json.loads(out.read_text())
     assert 0.0 <= metrics["zeroshot/colour/top1"] <= 1.0
     assert {"retrieval/t2i_r1", "retrieval/i2t_r1"} <= set(metrics)
+
+
+def test_the_bundle_records_its_training_templates_and_eval_uses_them(shapes_data, tmp_path, monkeypatch):
+    run = train_run(shapes_data, tmp_path / "run", "clip", templates=["a {} icon", "{}, drawn"])
+    bundle = export_run(run, shapes_data, tmp_path / "bundle")
+    assert load_bundle(bundle).config["templates"] == ["a {} icon", "{}, drawn"]
+    used = []
+    monkeypatch.setattr(bundle_eval, "evaluate", lambda *args, **kwargs: used.append(list(args[5])) or {})
+    bundle_eval.evaluate_bundle(bundle, str(shapes_data))
+    bundle_eval.evaluate_bundle(bundle, str(shapes_data), templates=["the {}"])
+    assert used == [["a {} icon", "{}, drawn"], ["the {}"]]
+
+
+def test_eval_cli_refuses_a_template_without_one_placeholder(bundle_dir, shapes_data):
+    result = CliRunner().invoke(app, ["eval", "--bundle", str(bundle_dir), "--data", str(shapes_data),
+                                      "--template", "no placeholder"])
+    assert result.exit_code == 2 and "exactly one '{}'" in result.output

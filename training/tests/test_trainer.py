@@ -105,3 +105,20 @@ def test_a_collapsed_nclip_run_says_so_in_log_and_metrics(shapes_data, tmp_path,
     stored = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert stored["eval"]["clusters/image/collapsed"]
     assert "COLLAPSED" in caplog.text
+
+
+@pytest.mark.parametrize("templates", [[], ["no placeholder"], ["{} and {}"]])
+def test_templates_without_exactly_one_placeholder_are_refused(tmp_path, templates):
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_config(tmp_path, tmp_path / "run", templates=templates)
+
+
+def test_train_cli_refuses_a_bad_template_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from xclip_serve.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
+                                      "--template", "no placeholder"])
+    assert result.exit_code == 2 and "exactly one" in result.output
+    assert not (tmp_path / "run").exists()
