@@ -32,14 +32,17 @@ class TrainCache:
     pixels: torch.Tensor
     tokens: torch.Tensor  # (total captions, L) int64
     offsets: torch.Tensor  # (N + 1,) start of each sample's captions in `tokens`
+    label_tokens: torch.Tensor | None = None  # (N, L) each sample's label prompt ("a cat face emoji"), tokenized
+    has_label: torch.Tensor | None = None  # (N,) bool: the sample has that label (else its row is padding)
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
 
 def build_cache(samples: Iterable, preprocess: PreprocessConfig, tokenizer: TextTokenizer,
-                progress: bool = True) -> TrainCache:
-    """Resize and normalise each image once (the shared eval transform) and tokenize all its captions."""
+                progress: bool = True, label_prompts: list[str | None] | None = None) -> TrainCache:
+    """Resize and normalise each image once (the shared eval transform) and tokenize all its captions, and, when
+    given, each sample's label prompt (None: the sample has no label)."""
     pixels, token_rows, offsets = [], [], [0]
     for sample in tqdm(samples, desc="cache", unit="img", disable=not progress, leave=False):
         pixels.append(normalize(resize(sample.image, preprocess), preprocess).astype(np.float16))
@@ -47,8 +50,14 @@ def build_cache(samples: Iterable, preprocess: PreprocessConfig, tokenizer: Text
         offsets.append(offsets[-1] + len(sample.texts))
     if not pixels:
         raise ValueError("no training samples")
-    return TrainCache(torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.concatenate(token_rows)),
-                      torch.tensor(offsets))
+    cache = TrainCache(torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.concatenate(token_rows)),
+                       torch.tensor(offsets))
+    if label_prompts is not None:
+        if len(label_prompts) != len(cache):
+            raise ValueError(f"{len(label_prompts)} label prompts for {len(cache)} samples")
+        cache.label_tokens = torch.from_numpy(tokenizer.encode([p or "" for p in label_prompts]))
+        cache.has_label = torch.tensor([p is not None for p in label_prompts])
+    return cache
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -76,12 +85,21 @@ def random_crop_grids(batch: int, size: int, aug: AugmentConfig, gen: torch.Gene
 
 
 class BatchSampler:
-    """Global batches without replacement per epoch; rank r takes rows [r·B/W, (r+1)·B/W) of the global batch."""
+    """Global batches without replacement per epoch; rank r takes rows [r·B/W, (r+1)·B/W) of the global batch.
 
-    def __init__(self, cache: TrainCache, global_batch: int, seed: int, augment: AugmentConfig | None):
+    Each sample's caption is one of its captions at random; with probability `label_prompt_prob` it is its label
+    prompt instead (samples with a label in the cache), which mixes image–label pairs into image–text training."""
+
+    def __init__(self, cache: TrainCache, global_batch: int, seed: int, augment: AugmentConfig | None,
+                 label_prompt_prob: float = 0.0):
         if global_batch > len(cache):
             raise ValueError(f"batch size {global_batch} exceeds the {len(cache)} training samples")
+        if not 0.0 <= label_prompt_prob <= 1.0:
+            raise ValueError(f"label_prompt_prob must be in [0, 1], got {label_prompt_prob}")
+        if label_prompt_prob and cache.label_tokens is None:
+            raise ValueError("label_prompt_prob > 0 needs a cache built with label prompts")
         self.cache, self.global_batch, self.seed, self.augment = cache, global_batch, seed, augment
+        self.label_prompt_prob = label_prompt_prob
         self.steps_per_epoch = len(cache) // global_batch
 
     def global_indices(self, step: int) -> torch.Tensor:
@@ -98,9 +116,13 @@ class BatchSampler:
         grids = None
         if self.augment is not None:
             grids = random_crop_grids(len(idx), self.cache.pixels.shape[-1], self.augment, gen)
+        tokens = self.cache.tokens[caption_rows]
+        if self.label_prompt_prob:  # drawn after the crops, so a run without label prompts keeps its batches
+            use = (torch.rand(len(idx), generator=gen) < self.label_prompt_prob) & self.cache.has_label[idx]
+            tokens = torch.where(use[:, None], self.cache.label_tokens[idx], tokens)
         share = slice(rank * len(idx) // world_size, (rank + 1) * len(idx) // world_size)
         pixels = self.cache.pixels[idx[share]].float()
         if grids is not None:
             pixels = F.grid_sample(pixels, grids[share], mode="bilinear", padding_mode="border",
                                    align_corners=False)
-        return pixels, self.cache.tokens[caption_rows[share]]
+        return pixels, tokens[share]

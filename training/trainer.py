@@ -65,6 +65,13 @@ class TrainConfig:
     # zero-shot prompt templates (one "{}" each, ensembled): evaluation uses them and the bundle records them for
     # `eval --bundle` and the service; the default is the emoji captions' form
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    # Image–label mixing (as UniCL): with this probability a training image's caption is its `label_prompt_set`
+    # label in the first template ("a face smiling emoji") instead of one of its captions; images without that
+    # label keep their captions, and data without it trains on captions alone. 0 turns it off. 0.5: on the emoji
+    # val split, per emoji, xCLIP zero-shot subcategory 37.9 vs 28.6 at equal steps, R@1 and probe unchanged
+    # (docs/BENCHMARKS.md, sweep reading).
+    label_prompt_prob: float = 0.5
+    label_prompt_set: str = "subcategory"
     resume: bool = True
     progress: bool = True
 
@@ -72,6 +79,20 @@ class TrainConfig:
         self.templates = tuple(self.templates)
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise ValueError(f"templates must be a non-empty list with exactly one '{{}}' each, got {self.templates}")
+        if not 0.0 <= self.label_prompt_prob <= 1.0:
+            raise ValueError(f"label_prompt_prob must be in [0, 1], got {self.label_prompt_prob}")
+
+    def label_prompts(self, samples: list) -> list[str | None] | None:
+        """Each sample's label prompt for image–label mixing (None where it lacks the label); None when off or
+        when no sample has the label."""
+        if not self.label_prompt_prob:
+            return None
+        labels = [(s.labels or {}).get(self.label_prompt_set) for s in samples]
+        if not any(labels):
+            log.warning("label prompts off: no training sample has a %r label (label_prompt_set)",
+                        self.label_prompt_set)
+            return None
+        return [self.templates[0].format(label) if label else None for label in labels]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,12 +141,13 @@ class RunState:
     perf: dict
 
 
-def build_tokenizer(model_cfg: ModelConfig, samples, out_dir: Path, resuming: bool) -> TextTokenizer:
-    """Train the BPE tokenizer on the training captions, or reload the run's own when resuming."""
+def build_tokenizer(model_cfg: ModelConfig, samples, out_dir: Path, resuming: bool,
+                    extra_texts: list[str | None] | None = None) -> TextTokenizer:
+    """Train the BPE tokenizer on the training captions (and label prompts), or reload the run's own when resuming."""
     path = out_dir / "tokenizer.json"
     if resuming and path.exists():
         return TextTokenizer.from_file(path)
-    texts = (t for s in samples for t in s.texts)
+    texts = [t for s in samples for t in s.texts] + [t for t in extra_texts or [] if t]
     return train_tokenizer(texts, model_cfg.text.vocab_size, model_cfg.text.context_length)
 
 
@@ -142,7 +164,8 @@ def prepare(cfg: TrainConfig) -> RunState:
     model_cfg = load_config(cfg.model, objective=cfg.objective, vocab_size=cfg.vocab_size)
     split = "train" if "train" in datasets.splits_present(cfg.data) else None
     samples, bad = datasets.load_samples(cfg.data, split=split, max_bad_fraction=cfg.max_bad_fraction)
-    tokenizer = build_tokenizer(model_cfg, samples, out_dir, resuming)
+    label_prompts = cfg.label_prompts(samples)
+    tokenizer = build_tokenizer(model_cfg, samples, out_dir, resuming, label_prompts)
     preprocess = PreprocessConfig(image_size=model_cfg.vision.image_size, resize_mode=cfg.resize_mode,
                                   mean=cfg.image_mean, std=cfg.image_std)
     if info.is_main:
@@ -151,9 +174,11 @@ def prepare(cfg: TrainConfig) -> RunState:
         (out_dir / "train_config.json").write_text(json.dumps(
             {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "label_sets": datasets.label_sets(samples),
              "data_fingerprint": datasets.fingerprint(cfg.data)}, indent=1))
-    cache = build_cache(samples, preprocess, tokenizer, progress=cfg.progress and info.is_main)
+    cache = build_cache(samples, preprocess, tokenizer, progress=cfg.progress and info.is_main,
+                        label_prompts=label_prompts)
     del samples
-    sampler = BatchSampler(cache, cfg.batch_size, cfg.seed, cfg.augment)
+    sampler = BatchSampler(cache, cfg.batch_size, cfg.seed, cfg.augment,
+                           cfg.label_prompt_prob if label_prompts is not None else 0.0)
     model = DualEncoder(model_cfg, eos_id=tokenizer.eos_id).to(info.device)
     loss_fn = ObjectiveLoss(model_cfg.objective, cfg.nclip, model_cfg.cluster_head.num_clusters,
                             cfg.multi_positive).to(info.device)

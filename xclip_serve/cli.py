@@ -60,6 +60,10 @@ def train(
     template: Annotated[list[str] | None, typer.Option(
         help="Zero-shot prompt template with one '{}' (repeat to ensemble); recorded in the bundle. "
              "Default: the emoji captions' 'a {} emoji'.")] = None,
+    label_prompt_prob: Annotated[float | None, typer.Option(
+        help="Image–label mixing: the share of training captions replaced by the image's label in the first "
+             "template (0: off).")] = None,
+    label_prompt_set: Annotated[str | None, typer.Option(help="The label set those prompts use.")] = None,
     no_resume: bool = False,
 ) -> None:
     """Train a model; resumes from the run directory's latest checkpoint."""
@@ -72,6 +76,9 @@ def train(
                   eval_every=eval_every, max_steps=max_steps, resume=not no_resume)
     if template:
         fields["templates"] = template
+    for name, value in (("label_prompt_prob", label_prompt_prob), ("label_prompt_set", label_prompt_set)):
+        if value is not None:
+            fields[name] = value
     try:
         train_config = TrainConfig.from_dict(fields)
     except ValueError as err:

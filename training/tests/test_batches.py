@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from core.preprocess import PreprocessConfig, preprocess_image
@@ -74,3 +75,41 @@ def test_cache_uses_the_shared_eval_transform(shapes_data):
     expected = torch.from_numpy(preprocess_image(samples[1].image, preprocess))
     assert torch.allclose(cache.pixels[1].float(), expected, atol=1e-2)  # stored as float16
     assert cache.offsets.tolist() == [0, 3, 6, 9]
+
+
+def with_label_prompts(cache: TrainCache, labelled: list[bool]) -> TrainCache:
+    """Label prompt of sample i: the row [-1-i]*4, told apart from every caption row (all >= 0)."""
+    cache.label_tokens = -1 - torch.arange(len(cache)).view(-1, 1).repeat(1, 4)
+    cache.has_label = torch.tensor(labelled)
+    return cache
+
+
+def test_label_prompts_replace_about_that_share_of_captions_and_only_for_labelled_samples():
+    labelled = [i % 3 != 0 for i in range(12)]  # samples 0, 3, 6, 9 have no label
+    sampler = BatchSampler(with_label_prompts(make_cache(12), labelled), 4, seed=0, augment=None,
+                           label_prompt_prob=0.5)
+    used, eligible = 0, 0
+    for step in range(300):
+        idx = sampler.global_indices(step)
+        _, ids = sampler.batch(step)
+        prompt = ids[:, 0] < 0
+        assert torch.equal(ids[prompt, 0], -1 - idx[prompt])  # a sample's own label prompt
+        assert not prompt[torch.tensor([not labelled[i] for i in idx.tolist()])].any()
+        used += int(prompt.sum())
+        eligible += sum(labelled[i] for i in idx.tolist())
+    assert 0.4 < used / eligible < 0.6
+
+
+def test_label_prompts_off_leave_the_batches_unchanged():
+    plain = BatchSampler(make_cache(12), 4, seed=2, augment=AugmentConfig())
+    off = BatchSampler(with_label_prompts(make_cache(12), [True] * 12), 4, seed=2, augment=AugmentConfig())
+    for step in range(6):
+        assert all(torch.equal(a, b) for a, b in zip(plain.batch(step), off.batch(step), strict=True))
+
+
+def test_label_prompt_prob_needs_prompts_and_a_probability():
+    with pytest.raises(ValueError, match="label prompts"):
+        BatchSampler(make_cache(12), 4, seed=0, augment=None, label_prompt_prob=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        BatchSampler(with_label_prompts(make_cache(12), [True] * 12), 4, seed=0, augment=None,
+                     label_prompt_prob=1.5)

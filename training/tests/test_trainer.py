@@ -113,12 +113,35 @@ def test_templates_without_exactly_one_placeholder_are_refused(tmp_path, templat
         tiny_config(tmp_path, tmp_path / "run", templates=templates)
 
 
-def test_train_cli_refuses_a_bad_template_before_training(tmp_path):
+@pytest.mark.parametrize("flags, message", [(["--template", "no placeholder"], "exactly one"),
+                                           (["--label-prompt-prob", "1.5"], "label_prompt_prob")])
+def test_train_cli_refuses_bad_prompt_options_before_training(tmp_path, flags, message):
     from typer.testing import CliRunner
 
     from xclip_serve.cli import app
 
-    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
-                                      "--template", "no placeholder"])
-    assert result.exit_code == 2 and "exactly one" in result.output
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"), *flags])
+    assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_label_prompts_are_the_label_in_the_first_template_and_none_without_it(tmp_path, caplog):
+    from core.data import Sample
+
+    cfg = tiny_config(tmp_path, tmp_path / "run", templates=["a {} icon", "{}"], label_prompt_prob=0.5,
+                      label_prompt_set="shape")
+    samples = [Sample("a", None, ["x"], {"shape": "circle"}), Sample("b", None, ["y"], {"colour": "red"})]
+    assert cfg.label_prompts(samples) == ["a circle icon", None]
+    assert tiny_config(tmp_path, tmp_path / "run", label_prompt_prob=0.0).label_prompts(samples) is None
+    # data without the label set (the default "subcategory" here) trains on its captions alone, and says so
+    assert tiny_config(tmp_path, tmp_path / "run").label_prompts(samples) is None
+    assert "no training sample has a 'subcategory' label" in caplog.text
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tiny_config(tmp_path, tmp_path / "run", label_prompt_prob=-0.1)
+
+
+def test_a_run_with_label_prompts_trains_and_evaluates(shapes_data, tmp_path):
+    summary = train(tiny_config(shapes_data, tmp_path / "run", epochs=1, label_prompt_prob=0.5,
+                                label_prompt_set="shape", templates=["a {} shape"]))
+    assert "zeroshot/shape/top1" in summary["eval"]
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]["label_prompt_prob"] == 0.5
