@@ -39,6 +39,14 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
+def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """The prompt templates as a tuple; ValueError unless there is at least one and each has exactly one "{}"."""
+    templates = tuple(templates)
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise ValueError(f"templates must be a non-empty list with exactly one '{{}}' each, got {list(templates)}")
+    return templates
+
+
 def group_weights(groups: Sequence[str]) -> np.ndarray:
     """Per-sample weights 1 / (samples in its group): each group weighs 1 whatever its number of images."""
     _, inverse, counts = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True,

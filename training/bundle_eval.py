@@ -6,7 +6,7 @@ from pathlib import Path
 
 from core.bundle import load_bundle
 from core.evaluation import evaluate
-from core.metrics import DEFAULT_TEMPLATES
+from core.metrics import DEFAULT_TEMPLATES, check_templates
 from core.onnx_encoder import OnnxEncoder
 from training.evaluate import load_eval_sets
 
@@ -17,9 +17,7 @@ def evaluate_bundle(bundle_dir: Path, data: str, split: str = "test", label_sets
 
     Zero-shot prompts: `templates` if given, else those the bundle was trained with (its config's `templates`)."""
     bundle = load_bundle(bundle_dir)
-    templates = templates or bundle.config.get("templates") or DEFAULT_TEMPLATES
-    if any(t.count("{}") != 1 for t in templates):
-        raise ValueError(f"every template must contain exactly one '{{}}', got {templates}")
+    templates = check_templates(templates or bundle.config.get("templates") or DEFAULT_TEMPLATES)
     encoder = OnnxEncoder(bundle, providers="cpu", variant=variant)
     sets = load_eval_sets(data, split, known_labels=bundle.label_sets)
     return evaluate(encoder.encode_images, encoder.encode_texts, sets.eval_set, sets.probe_train, sets.label_sets,

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from core import data as datasets
-from core.metrics import DEFAULT_TEMPLATES
+from core.metrics import DEFAULT_TEMPLATES, check_templates
 from core.preprocess import PreprocessConfig
 from core.tokenizer import TextTokenizer, train_tokenizer
 from training import distributed as dist_utils
@@ -76,9 +76,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.templates = tuple(self.templates)
-        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
-            raise ValueError(f"templates must be a non-empty list with exactly one '{{}}' each, got {self.templates}")
+        self.templates = check_templates(self.templates)
         if not 0.0 <= self.label_prompt_prob <= 1.0:
             raise ValueError(f"label_prompt_prob must be in [0, 1], got {self.label_prompt_prob}")
 

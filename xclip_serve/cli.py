@@ -121,10 +121,13 @@ def evaluate(
         help="Zero-shot prompt template with one '{}' (repeat to ensemble); default: the bundle's own.")] = None,
 ) -> None:
     """Evaluate an exported bundle through its ONNX files on any labelled data set."""
+    from core.metrics import check_templates
     from training.bundle_eval import evaluate_bundle
 
-    if template and any(t.count("{}") != 1 for t in template):
-        raise typer.BadParameter("every template must contain exactly one '{}'", param_hint="--template")
+    try:
+        check_templates(template or ["{}"])
+    except ValueError as err:
+        raise typer.BadParameter("every template must contain exactly one '{}'", param_hint="--template") from err
     metrics = evaluate_bundle(bundle, data, split=split, label_sets=label_set, variant=variant, templates=template)
     if output:
         output.write_text(json.dumps(metrics, indent=1))
