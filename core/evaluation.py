@@ -113,7 +113,7 @@ def evaluate(
     names = _label_set_names(label_sets, eval_set, label_set_names)
     for name in names:
         results.update(
-            _zero_shot(encode_texts, image_out["embedding"], eval_set, name, label_sets[name], templates)
+            zero_shot_metrics(encode_texts, image_out["embedding"], eval_set, name, label_sets[name], templates)
         )
     results.update(_linear_probes(encode_images, image_out["embedding"], eval_set, probe_train, names))
     for modality, out in (("image", image_out), ("text", text_out)):
@@ -144,7 +144,7 @@ def _known(values: Sequence[str | None]) -> np.ndarray:
     return np.array([i for i, v in enumerate(values) if v is not None], dtype=np.int64)
 
 
-def _zero_shot(
+def zero_shot_metrics(
     encode_texts: EncodeTexts,
     image_emb: np.ndarray,
     eval_set: EvalSet,

@@ -14,7 +14,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # The zero-shot prompt of the default emoji data set: the form its captions carry label words in ("a {} emoji").
-# Chosen on the val split, per emoji (3 seeds each): zero-shot subcategory 28.6 vs 19.5% for xCLIP and 26.4 vs 19.7%
+# Chosen on the val split, per emoji (3 seeds each): zero-shot subcategory 28.5 vs 19.5% for xCLIP and 26.4 vs 19.7%
 # for CLIP against the earlier six-template ensemble ("{}", "an icon of {}", ... forms no caption has); nCLIP, which
 # scores through its clusters, 24.8 vs 25.9. For other data, train with your own (`train --template "a photo of a
 # {}."`): the bundle records them, and evaluation and the service use them.

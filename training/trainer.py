@@ -68,7 +68,7 @@ class TrainConfig:
     # Image–label mixing (as UniCL): with this probability a training image's caption is its `label_prompt_set`
     # label in the first template ("a face smiling emoji") instead of one of its captions; images without that
     # label keep their captions, and data without it trains on captions alone. 0 turns it off. 0.5: on the emoji
-    # val split, per emoji, xCLIP zero-shot subcategory 37.6 vs 28.6 at equal steps, R@1 and probe within the
+    # val split, per emoji, xCLIP zero-shot subcategory 37.6 vs 28.5 at equal steps, R@1 and probe within the
     # spread; it costs the cluster heads some prototype use (docs/BENCHMARKS.md, objectives and sweep readings).
     label_prompt_prob: float = 0.5
     label_prompt_set: str = "subcategory"
