@@ -107,8 +107,8 @@ class BatchSampler:
         order = epoch_order(len(self.cache), self.seed, epoch)
         return order[within * self.global_batch:(within + 1) * self.global_batch]
 
-    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixels (b, 3, H, W) float32, input_ids (b, L)) for this rank's share of step's global batch."""
+    def _draws(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Step's random choices for the global batch: (indices, caption rows, crop grids, label-prompt rows)."""
         idx = self.global_indices(step)
         gen = step_generator(self.seed, step)
         n_caps = self.cache.offsets[idx + 1] - self.cache.offsets[idx]
@@ -116,13 +116,30 @@ class BatchSampler:
         grids = None
         if self.augment is not None:
             grids = random_crop_grids(len(idx), self.cache.pixels.shape[-1], self.augment, gen)
-        tokens = self.cache.tokens[caption_rows]
+        use = torch.zeros(len(idx), dtype=torch.bool)
         if self.label_prompt_prob:  # drawn after the crops, so a run without label prompts keeps its batches
             use = (torch.rand(len(idx), generator=gen) < self.label_prompt_prob) & self.cache.has_label[idx]
+        return idx, caption_rows, grids, use
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels (b, 3, H, W) float32, input_ids (b, L)) for this rank's share of step's global batch."""
+        idx, caption_rows, grids, use = self._draws(step)
+        tokens = self.cache.tokens[caption_rows]
+        if use.any():
             tokens = torch.where(use[:, None], self.cache.label_tokens[idx], tokens)
-        share = slice(rank * len(idx) // world_size, (rank + 1) * len(idx) // world_size)
+        share = _share(len(idx), rank, world_size)
         pixels = self.cache.pixels[idx[share]].float()
         if grids is not None:
             pixels = F.grid_sample(pixels, grids[share], mode="bilinear", padding_mode="border",
                                    align_corners=False)
         return pixels, tokens[share]
+
+    def label_prompt_rows(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """(b,) bool: which rows of `batch(step, rank, world_size)` carry their label prompt instead of a caption."""
+        use = self._draws(step)[3]
+        return use[_share(len(use), rank, world_size)]
+
+
+def _share(batch: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s rows of a global batch of `batch` rows."""
+    return slice(rank * batch // world_size, (rank + 1) * batch // world_size)

@@ -221,6 +221,8 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
            dist_utils.shared_parameter(v, info) for k, v in out.items()}
     if cfg.multi_positive:
         out["text_key"] = dist_utils.gather_with_local_grad(caption_keys(input_ids).to(info.device), info)
+    if cfg.label_prompt_prob:  # the draws are a function of (seed, step): every rank knows the global batch's
+        out["label_prompt"] = run.sampler.label_prompt_rows(step).to(info.device)
     terms = run.loss_fn(out)
     loss = sum(terms.values())
     (loss * info.world_size).backward()  # DDP averages; the loss already covers the global batch

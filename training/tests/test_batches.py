@@ -94,10 +94,22 @@ def test_label_prompts_replace_about_that_share_of_captions_and_only_for_labelle
         _, ids = sampler.batch(step)
         prompt = ids[:, 0] < 0
         assert torch.equal(ids[prompt, 0], -1 - idx[prompt])  # a sample's own label prompt
+        assert torch.equal(sampler.label_prompt_rows(step), prompt)  # what the nCLIP loss is told
         assert not prompt[torch.tensor([not labelled[i] for i in idx.tolist()])].any()
         used += int(prompt.sum())
         eligible += sum(labelled[i] for i in idx.tolist())
     assert 0.4 < used / eligible < 0.6
+
+
+def test_each_rank_is_told_which_of_its_rows_are_label_prompts():
+    sampler = BatchSampler(with_label_prompts(make_cache(12), [True] * 12), 6, seed=1, augment=None,
+                           label_prompt_prob=0.5)
+    for step in range(4):
+        shares = [sampler.label_prompt_rows(step, rank, 3) for rank in range(3)]
+        assert torch.equal(torch.cat(shares), sampler.label_prompt_rows(step))
+        for rank, share in enumerate(shares):
+            assert torch.equal(share, sampler.batch(step, rank, 3)[1][:, 0] < 0)
+    assert not BatchSampler(make_cache(12), 4, seed=0, augment=None).label_prompt_rows(0).any()
 
 
 def test_label_prompts_off_leave_the_batches_unchanged():

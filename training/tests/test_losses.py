@@ -218,13 +218,18 @@ def np_entropy(p: np.ndarray) -> np.ndarray:
     return -(p * np.log(p)).sum(-1)
 
 
-def reference_nclip(image, text, cfg: NClipConfig, center_image=0.0, center_text=0.0) -> dict[str, float]:
-    """nCLIP Eq. 2-4 in numpy: cross-modal prediction of sharpened targets, λ_EH·H(p), −λ_HE·H(mean p)."""
+def reference_nclip(image, text, cfg: NClipConfig, center_image=0.0, center_text=0.0,
+                    label_prompt=None) -> dict[str, float]:
+    """nCLIP Eq. 2-4 in numpy: cross-modal prediction of sharpened targets, λ_EH·H(p), −λ_HE·H(mean p); images
+    whose text is a label prompt (`label_prompt`) predict nothing unless `prompt_targets`."""
     image, text = np.asarray(image, np.float64), np.asarray(text, np.float64)
     p_image, p_text = np_softmax(image / cfg.student_temp), np_softmax(text / cfg.student_temp)
     q_image = np_softmax((image - center_image) / cfg.target_temp)
     q_text = np_softmax((text - center_text) / cfg.target_temp)
-    cross = (-(q_text * np.log(p_image)).sum(-1).mean() - (q_image * np.log(p_text)).sum(-1).mean()) / 2
+    masked = label_prompt is not None and cfg.prompt_targets is False
+    predicting = ~np.asarray(label_prompt) if masked else np.ones(len(image), bool)
+    image_ce = -(q_text * np.log(p_image)).sum(-1)[predicting]
+    cross = ((image_ce.mean() if len(image_ce) else 0.0) - (q_image * np.log(p_text)).sum(-1).mean()) / 2
     sharp = (np_entropy(p_image).mean() + np_entropy(p_text).mean()) / 2
     diverse = (np_entropy(p_image.mean(0)) + np_entropy(p_text.mean(0))) / 2
     return {
@@ -234,14 +239,17 @@ def reference_nclip(image, text, cfg: NClipConfig, center_image=0.0, center_text
     }
 
 
-def nclip_terms(cfg: NClipConfig, image=IMAGE_LOGITS, text=TEXT_LOGITS, train: bool = True) -> dict[str, float]:
+def nclip_terms(cfg: NClipConfig, image=IMAGE_LOGITS, text=TEXT_LOGITS, train: bool = True,
+                label_prompt=None) -> dict[str, float]:
     loss = NClipLoss(cfg, num_clusters=len(image[0])).train(train)
-    out = loss(torch.tensor(image, dtype=torch.float64), torch.tensor(text, dtype=torch.float64))
+    mask = None if label_prompt is None else torch.tensor(label_prompt)
+    out = loss(torch.tensor(image, dtype=torch.float64), torch.tensor(text, dtype=torch.float64), mask)
     return {k: v.item() for k, v in out.items()}
 
 
-def check_nclip(cfg: NClipConfig, image=IMAGE_LOGITS, text=TEXT_LOGITS):
-    got, expected = nclip_terms(cfg, image, text), reference_nclip(image, text, cfg)
+def check_nclip(cfg: NClipConfig, image=IMAGE_LOGITS, text=TEXT_LOGITS, label_prompt=None):
+    got = nclip_terms(cfg, image, text, label_prompt=label_prompt)
+    expected = reference_nclip(image, text, cfg, label_prompt=label_prompt)
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == pytest.approx(expected[key], rel=1e-9), key
@@ -259,6 +267,32 @@ def check_nclip(cfg: NClipConfig, image=IMAGE_LOGITS, text=TEXT_LOGITS):
 )
 def test_nclip_matches_reference(cfg):
     check_nclip(cfg)
+
+
+@pytest.mark.parametrize("prompt_targets", [False, True, None])
+@pytest.mark.parametrize("label_prompt", [[True, False], [False, False], [True, True]])
+def test_nclip_with_label_prompts_matches_reference(label_prompt, prompt_targets):
+    check_nclip(NClipConfig(balancing="none", prompt_targets=prompt_targets), label_prompt=label_prompt)
+
+
+def test_an_image_whose_text_is_a_label_prompt_is_not_pulled_to_the_prompts_clusters():
+    """The prompt still learns to predict its image's clusters; the image gets no gradient from the prompt."""
+    image = torch.tensor(IMAGE_LOGITS, dtype=torch.float64, requires_grad=True)
+    text = torch.tensor(TEXT_LOGITS, dtype=torch.float64, requires_grad=True)
+    loss = NClipLoss(NClipConfig(balancing="sinkhorn", lambda_eh=0.0, lambda_he=0.0, prompt_targets=False), 3)
+    loss(image, text, torch.tensor([True, False]))["cross_modal_loss"].backward()
+    assert torch.all(image.grad[0] == 0) and torch.any(image.grad[1] != 0)
+    assert torch.any(text.grad[0] != 0) and torch.any(text.grad[1] != 0)
+    image.grad, text.grad = None, None
+    both = NClipLoss(NClipConfig(balancing="sinkhorn", lambda_eh=0.0, lambda_he=0.0, prompt_targets=True), 3)
+    both(image, text, torch.tensor([True, False]))["cross_modal_loss"].backward()
+    assert torch.any(image.grad[0] != 0)  # as a target, the prompt pulls its image
+
+
+def test_by_default_only_xclip_keeps_label_prompts_out_of_its_image_targets():
+    chosen = {o: ObjectiveLoss(o, NClipConfig(), 3).nclip.cfg.prompt_targets for o in ("xclip", "nclip")}
+    assert chosen == {"xclip": False, "nclip": True}
+    assert ObjectiveLoss("xclip", NClipConfig(prompt_targets=True), 3).nclip.cfg.prompt_targets is True
 
 
 def test_nclip_uniform_logits_give_log_k():

@@ -140,8 +140,15 @@ def test_label_prompts_are_the_label_in_the_first_template_and_none_without_it(t
         tiny_config(tmp_path, tmp_path / "run", label_prompt_prob=-0.1)
 
 
-def test_a_run_with_label_prompts_trains_and_evaluates(shapes_data, tmp_path):
+def test_a_run_with_label_prompts_trains_and_evaluates(shapes_data, tmp_path, monkeypatch):
+    from training.losses import NClipLoss
+
+    told = []  # what the nCLIP loss learns of each batch: which rows are label prompts
+    forward = NClipLoss.forward
+    monkeypatch.setattr(NClipLoss, "forward", lambda self, i, t, rows=None: told.append(rows) or forward(self, i, t, rows))
     summary = train(tiny_config(shapes_data, tmp_path / "run", epochs=1, label_prompt_prob=0.5,
                                 label_prompt_set="shape", templates=["a {} shape"]))
     assert "zeroshot/shape/top1" in summary["eval"]
+    assert len(told) == summary["steps"] and all(r is not None and r.dtype == torch.bool for r in told)
+    assert 0 < float(torch.cat(told).float().mean()) < 1  # some rows of the run were prompts, some captions
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]["label_prompt_prob"] == 0.5
