@@ -50,14 +50,10 @@ def load_sets(path: str | None) -> dict[str, list[str]]:
 
 def score_bundle(bundle_dir: Path, data: str, split: str, sets: dict[str, list[str]]) -> dict[str, dict]:
     """{set name: zero-shot metrics} of one bundle, its images encoded once."""
-    from core.bundle import load_bundle
     from core.evaluation import zero_shot_metrics
-    from core.onnx_encoder import OnnxEncoder
-    from training.evaluate import load_eval_sets
+    from training.bundle_eval import open_bundle_eval
 
-    bundle = load_bundle(bundle_dir)
-    encoder = OnnxEncoder(bundle, providers="cpu")
-    loaded = load_eval_sets(data, split, known_labels=bundle.label_sets)
+    _, encoder, loaded = open_bundle_eval(bundle_dir, data, split)
     eval_set = loaded.eval_set
     image_emb = encoder.encode_images(eval_set.images)["embedding"]
     names = [name for name in loaded.label_sets if name in eval_set.labels]

@@ -101,6 +101,7 @@ class BatchSampler:
         self.cache, self.global_batch, self.seed, self.augment = cache, global_batch, seed, augment
         self.label_prompt_prob = label_prompt_prob
         self.steps_per_epoch = len(cache) // global_batch
+        self._last_draws: tuple[int, tuple] | None = None
 
     def global_indices(self, step: int) -> torch.Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -108,7 +109,12 @@ class BatchSampler:
         return order[within * self.global_batch:(within + 1) * self.global_batch]
 
     def _draws(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Step's random choices for the global batch: (indices, caption rows, crop grids, label-prompt rows)."""
+        """Step's random choices for the global batch: (indices, caption rows, crop grids, label-prompt rows).
+
+        The last step's are kept, so `batch` and `label_prompt_rows` of one step draw once; callers must not
+        modify the tensors."""
+        if self._last_draws is not None and self._last_draws[0] == step:
+            return self._last_draws[1]
         idx = self.global_indices(step)
         gen = step_generator(self.seed, step)
         n_caps = self.cache.offsets[idx + 1] - self.cache.offsets[idx]
@@ -119,6 +125,7 @@ class BatchSampler:
         use = torch.zeros(len(idx), dtype=torch.bool)
         if self.label_prompt_prob:  # drawn after the crops, so a run without label prompts keeps its batches
             use = (torch.rand(len(idx), generator=gen) < self.label_prompt_prob) & self.cache.has_label[idx]
+        self._last_draws = (step, (idx, caption_rows, grids, use))
         return idx, caption_rows, grids, use
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
