@@ -50,13 +50,13 @@ def load_sets(path: str | None) -> dict[str, list[str]]:
 
 def score_bundle(bundle_dir: Path, data: str, split: str, sets: dict[str, list[str]]) -> dict[str, dict]:
     """{set name: zero-shot metrics} of one bundle, its images encoded once."""
-    from core.evaluation import zero_shot_metrics
+    from core.evaluation import select_label_sets, zero_shot_metrics
     from training.bundle_eval import open_bundle_eval
 
     _, encoder, loaded = open_bundle_eval(bundle_dir, data, split)
     eval_set = loaded.eval_set
     image_emb = encoder.encode_images(eval_set.images)["embedding"]
-    names = [name for name in loaded.label_sets if name in eval_set.labels]
+    names = select_label_sets(loaded.label_sets, eval_set, None)
     return {
         set_name: {key: value for name in names for key, value in zero_shot_metrics(
             encoder.encode_texts, image_emb, eval_set, name, loaded.label_sets[name], templates).items()}

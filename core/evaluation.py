@@ -110,7 +110,7 @@ def evaluate(
     results: dict[str, float | int | bool] = {}
     recall = retrieval_recall(image_out["embedding"], eval_set.groups, text_out["embedding"], query_groups)
     results.update({f"retrieval/{name}": value for name, value in recall.items()})
-    names = _label_set_names(label_sets, eval_set, label_set_names)
+    names = select_label_sets(label_sets, eval_set, label_set_names)
     for name in names:
         results.update(
             zero_shot_metrics(encode_texts, image_out["embedding"], eval_set, name, label_sets[name], templates)
@@ -127,7 +127,7 @@ def evaluate(
     return results
 
 
-def _label_set_names(
+def select_label_sets(
     label_sets: dict[str, list[str]], eval_set: EvalSet, requested: list[str] | None
 ) -> list[str]:
     """The label sets to score: those requested (all must exist), else every set the eval data labels."""
