@@ -10,8 +10,9 @@ The spec is a JSON list of variants: {"name": str, "model": {config overrides, n
 "train": {TrainConfig fields, e.g. "lr", "weight_decay", "augment": {...}, "nclip": {...}}, "seeds": [0, ...]}.
 Results (one row per variant and seed: val metrics, FLOPs per sample, steps) go to WORK/sweep.json (or --results),
 merged with earlier results, so a sweep resumes where it stopped; a table of mean ± half-range over seeds is printed
-and, with --write-section, written to the `sweep` section of docs/BENCHMARKS.md. FLOPs per sample is the budget to compare
-against the default: on the CPU, training time is roughly proportional to it.
+and, with --write-section, written to the `sweep` section of docs/BENCHMARKS.md (or to --section under --title: one
+section per spec). FLOPs per sample is the budget to compare against the default: on the CPU, training time is
+roughly proportional to it.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def main() -> None:
     parser.add_argument("--reference", default="lr1e-3", help="variant whose FLOPs the table divides by")
     parser.add_argument("--results", help="results file (default WORK/sweep.json)")
     parser.add_argument("--write-section", action="store_true", help="write the table to docs/BENCHMARKS.md")
+    parser.add_argument("--section", default="sweep",
+                        help="docs/BENCHMARKS.md section the table goes to (one per spec; default: the recipe sweep's)")
+    parser.add_argument("--title", default="Training recipe sweep (val split)", help="that section's heading")
     parser.add_argument("--where", help="machine the results were measured on, if not this one")
     parser.add_argument("--date", help="date of the measurement, if not today")
     parser.add_argument("--command", help="the command that measured the results, if not this one")
@@ -120,6 +124,8 @@ def main() -> None:
     bad = [n for n in names if not re.fullmatch(r"[\w.+-]+", n)]
     if bad or len(set(names)) != len(names):
         parser.error(f"variant names must be unique and made of letters, digits, '.', '+', '-' or '_': {names}")
+    if not re.fullmatch(r"[\w-]+", args.section):
+        parser.error(f"--section must be made of letters, digits, '-' or '_': {args.section!r}")
     if args.workers < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--workers and --threads must be at least 1")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
@@ -151,7 +157,7 @@ def main() -> None:
                  "table reports), mean ± half-range over seeds, in percent. FLOPs × ref: training FLOPs per "
                  f"sample relative to `{args.reference}`, the budget that sets CPU training time.\n\n")
         taken = {"command": args.command, "where": args.where, "date": args.date}
-        write_section("sweep", "Training recipe sweep (val split)", intro + body,
+        write_section(args.section, args.title, intro + body,
                       **{k: v for k, v in taken.items() if v})
 
 

@@ -24,7 +24,7 @@ from core.tokenizer import TextTokenizer, train_tokenizer
 from training import distributed as dist_utils
 from training.batches import AugmentConfig, BatchSampler, build_cache
 from training.evaluate import evaluate_model, load_eval_sets
-from training.losses import NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators
+from training.losses import OBJECTIVE_DEFAULTS, NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators
 from training.model import DualEncoder, ModelConfig, count_parameters, load_config
 from training.optim import cosine_lr, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint
 from training.perf import measure_matmul_peak, training_flops_per_sample
@@ -79,6 +79,8 @@ class TrainConfig:
         self.templates = check_templates(self.templates)
         if not 0.0 <= self.label_prompt_prob <= 1.0:
             raise ValueError(f"label_prompt_prob must be in [0, 1], got {self.label_prompt_prob}")
+        if self.objective in OBJECTIVE_DEFAULTS:  # the run's config records the nCLIP values it trains with
+            self.nclip = self.nclip.for_objective(self.objective)
 
     def label_prompts(self, samples: list) -> list[str | None] | None:
         """Each sample's label prompt for image–label mixing (None where it lacks the label); None when off or

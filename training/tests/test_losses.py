@@ -249,7 +249,7 @@ def nclip_terms(cfg: NClipConfig, image=IMAGE_LOGITS, text=TEXT_LOGITS, train: b
 
 def check_nclip(cfg: NClipConfig, image=IMAGE_LOGITS, text=TEXT_LOGITS, label_prompt=None):
     got = nclip_terms(cfg, image, text, label_prompt=label_prompt)
-    expected = reference_nclip(image, text, cfg, label_prompt=label_prompt)
+    expected = reference_nclip(image, text, cfg.for_objective("nclip"), label_prompt=label_prompt)
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == pytest.approx(expected[key], rel=1e-9), key
@@ -293,6 +293,33 @@ def test_by_default_only_xclip_keeps_label_prompts_out_of_its_image_targets():
     chosen = {o: ObjectiveLoss(o, NClipConfig(), 3).nclip.cfg.prompt_targets for o in ("xclip", "nclip")}
     assert chosen == {"xclip": False, "nclip": True}
     assert ObjectiveLoss("xclip", NClipConfig(prompt_targets=True), 3).nclip.cfg.prompt_targets is True
+
+
+def test_nclip_alone_balances_its_targets_harder_by_default_and_set_values_win():
+    chosen = {o: ObjectiveLoss(o, NClipConfig(), 3).nclip.cfg for o in ("xclip", "nclip")}
+    assert (chosen["xclip"].sinkhorn_iters, chosen["xclip"].lambda_he) == (3, 1.0)
+    assert (chosen["nclip"].sinkhorn_iters, chosen["nclip"].lambda_he) == (10, 1.5)
+    forced = ObjectiveLoss("nclip", NClipConfig(sinkhorn_iters=3, lambda_he=1.0), 3).nclip.cfg
+    assert (forced.sinkhorn_iters, forced.lambda_he) == (3, 1.0)
+    # the diversity term uses the resolved weight: λ_HE 1.5 for nCLIP alone, 1 for xCLIP's head
+    image, text = torch.tensor(IMAGE_LOGITS), torch.tensor(TEXT_LOGITS)
+    ratio = (NClipLoss(NClipConfig(), 3, "nclip")(image, text)["diversity_loss"]
+             / NClipLoss(NClipConfig(), 3, "xclip")(image, text)["diversity_loss"])
+    assert ratio.item() == pytest.approx(1.5)
+
+
+def test_more_sinkhorn_iterations_bring_the_targets_closer_to_equipartition():
+    scores = torch.tensor([[4.0, 0.0, 0.0, 0.0], [3.0, 1.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0]])
+    imbalance = [(sinkhorn(scores, iters).sum(0) - 3 / 4).abs().max().item() for iters in (1, 3, 10)]
+    assert imbalance[0] > imbalance[1] > imbalance[2]
+    for iters in (1, 3, 10):
+        assert torch.allclose(sinkhorn(scores, iters).sum(1), torch.ones(3))  # each row stays a distribution
+
+
+@pytest.mark.parametrize("bad", [{"sinkhorn_iters": 0}, {"lambda_he": -1.0}])
+def test_nclip_config_refuses_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        NClipConfig(**bad)
 
 
 def test_nclip_uniform_logits_give_log_k():
@@ -373,12 +400,12 @@ def test_center_balancing_subtracts_center_from_targets():
     loss.image_center.copy_(torch.tensor(center_image))
     loss.text_center.copy_(torch.tensor(center_text))
     got = loss(torch.tensor(IMAGE_LOGITS), torch.tensor(TEXT_LOGITS))
-    expected = reference_nclip(IMAGE_LOGITS, TEXT_LOGITS, cfg, center_image, center_text)
+    expected = reference_nclip(IMAGE_LOGITS, TEXT_LOGITS, loss.cfg, center_image, center_text)
     assert {k: v.item() for k, v in got.items()} == pytest.approx(expected, rel=1e-5)
 
 
 def test_collapsed_batch_is_penalised_by_diversity():
-    cfg = NClipConfig(balancing="none")
+    cfg = NClipConfig(balancing="none", lambda_he=1.0)
     collapsed = [[1.0, 0.0, 0.0]] * 3  # every sample in cluster 0
     spread = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]  # same per-sample sharpness, all clusters used
     collapsed_terms, spread_terms = nclip_terms(cfg, collapsed, collapsed), nclip_terms(cfg, spread, spread)
@@ -434,7 +461,8 @@ def test_xclip_terms_are_clip_plus_weighted_nclip():
         terms["contrastive_loss"],
         clip_loss(out["image_embedding"], out["text_embedding"], out["logit_scale"])["contrastive_loss"],
     )
-    expected = reference_nclip(out["image_cluster_logits"].numpy(), out["text_cluster_logits"].numpy(), cfg)
+    expected = reference_nclip(out["image_cluster_logits"].numpy(), out["text_cluster_logits"].numpy(),
+                               cfg.for_objective("xclip"))
     assert {k: terms[k].item() for k in NCLIP_TERMS} == pytest.approx(expected, rel=1e-5)
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.sweep import merged, run_one, table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,3 +69,27 @@ def test_zero_workers_or_threads_are_refused_before_training(tmp_path):
                                "--work", str(tmp_path / "work"), *flags], check=False, capture_output=True, text=True)
         assert done.returncode == 2 and "must be at least 1" in done.stderr
         assert not (tmp_path / "work" / "sweep.json").exists()
+
+
+def test_each_spec_can_write_its_own_benchmarks_section(tmp_path, monkeypatch):
+    """Finished results are rendered into the named section; the other sections of the file are kept."""
+    import bench.report
+    import bench.sweep
+
+    spec, results, doc = tmp_path / "spec.json", tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    spec.write_text(json.dumps([{"name": "a", "seeds": [0]}]))
+    results.write_text(json.dumps([{"name": "a", "seed": 0, "objective": "nclip", "flops_per_sample": 2.0,
+                                    "clusters/image/clusters_used_frac": 0.198}]))
+    doc.write_text("# Benchmarks\n\n<!-- sweep:start -->\nthe recipe table\n<!-- sweep:end -->\n")
+    monkeypatch.setattr(bench.report, "BENCHMARKS", doc)
+    monkeypatch.setattr(sys, "argv", ["sweep.py", "--spec", str(spec), "--results", str(results), "--reference", "a",
+                                      "--write-section", "--section", "nclip-prototypes", "--title", "nCLIP sweep"])
+    bench.sweep.main()
+    text = doc.read_text()
+    assert "the recipe table" in text and "## nCLIP sweep" in text
+    section = text.split("<!-- nclip-prototypes:start -->")[1].split("<!-- nclip-prototypes:end -->")[0]
+    assert "| a | nclip | 1 |" in section and "19.8" in section
+    monkeypatch.setattr(sys, "argv", ["sweep.py", "--spec", str(spec), "--results", str(results), "--write-section",
+                                      "--section", "../x"])
+    with pytest.raises(SystemExit):
+        bench.sweep.main()

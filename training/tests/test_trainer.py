@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from training import trainer
+from training.losses import NClipConfig
 from training.optim import latest_checkpoint
 from training.plots import read_metrics
 from training.trainer import TrainConfig, train
@@ -152,3 +153,14 @@ def test_a_run_with_label_prompts_trains_and_evaluates(shapes_data, tmp_path, mo
     assert len(told) == summary["steps"] and all(r is not None and r.dtype == torch.bool for r in told)
     assert 0 < float(torch.cat(told).float().mean()) < 1  # some rows of the run were prompts, some captions
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]["label_prompt_prob"] == 0.5
+
+
+@pytest.mark.parametrize("objective, expected", [("nclip", (10, 1.5, True)), ("xclip", (3, 1.0, False)),
+                                                 ("clip", (None, None, None))])
+def test_the_run_config_records_the_nclip_values_its_objective_trains_with(tmp_path, objective, expected):
+    """train_config.json (and so the bundle) says which per-objective nCLIP defaults a run used."""
+    nclip = tiny_config(tmp_path, tmp_path / "run", objective=objective).to_dict()["nclip"]
+    assert (nclip["sinkhorn_iters"], nclip["lambda_he"], nclip["prompt_targets"]) == expected
+    chosen = tiny_config(tmp_path, tmp_path / "run", objective="nclip",
+                         nclip=NClipConfig(sinkhorn_iters=3)).nclip
+    assert (chosen.sinkhorn_iters, chosen.lambda_he) == (3, 1.5)
