@@ -59,11 +59,12 @@ class NClipConfig:
     # by every image of its class, so as a target it pulls all of them into the same prototypes: on the emoji data
     # the prototypes in use on held-out images fell from 29.6 to 23.0% (xCLIP) and 27.5 to 24.3% (nCLIP). False: a
     # label prompt's distribution is no target for its image, which predicts only real captions' clusters, while
-    # the prompt still learns to predict its image's. True: both directions. None (default): False for xCLIP, whose
-    # contrastive head carries the labels to zero-shot (test split, 3 seeds: 26.3% of the prototypes in use on
-    # held-out images against 23.0%, every other metric within the spread), True for nCLIP, whose clusters are its
-    # only channel (False cost it 11 points of zero-shot subcategory per emoji on val and did not raise its
-    # prototype use: 16.0 vs 18.1%). docs/BENCHMARKS.md, objectives and sweep readings.
+    # the prompt still learns to predict its image's. True: both directions. None (default; OBJECTIVE_DEFAULTS):
+    # False for xCLIP, whose contrastive head carries the labels to zero-shot (test split, 3 seeds: 26.3% of the
+    # prototypes in use on held-out images against 23.0%, every other metric within the spread), True for nCLIP,
+    # whose clusters are its only channel (False cost it 11 points of zero-shot subcategory per emoji on val and
+    # did not raise its prototype use: 16.0 vs 18.1%); nCLIP balances its targets harder instead (sinkhorn_iters,
+    # lambda_he). docs/BENCHMARKS.md, objectives and sweep readings.
     prompt_targets: bool | None = None
 
     def __post_init__(self):
