@@ -28,6 +28,7 @@ OBJECTIVES = ("clip", "nclip", "xclip")
 SUPERVISED = "supervised"
 COLUMNS = {  # metric key → column title
     "retrieval/t2i_r1": "t→i R@1", "retrieval/t2i_r5": "t→i R@5", "retrieval/t2i_r10": "t→i R@10",
+    "retrieval_seen_words/t2i_r1": "t→i R@1 seen-word queries", "retrieval_novel_words/t2i_r1": "t→i R@1 novel-word queries",
     "retrieval/i2t_r1": "i→t R@1", "zeroshot/category/top1": "ZS cat top1",
     "zeroshot/subcategory/top1": "ZS subcat top1", "zeroshot/subcategory/top5": "ZS subcat top5",
     "zeroshot_by_group/subcategory/top1": "ZS subcat top1 per emoji",
@@ -191,11 +192,16 @@ def main() -> None:
     rows.append(reference_row(f"raw pixels {size}×{size} (reference)", pixel_probe(args.data, size), headers))
     text = markdown_table(headers, rows)
     print(text)
+    first = results[f"{next(iter(plan))}/{args.seeds[0]}"]
+    queries = {side: first.get(f"retrieval_{side}_words/queries", "?") for side in ("seen", "novel")}
     note = (f"Model `{args.model}`, {args.epochs} epochs, batch {args.batch_size}, seeds {args.seeds}; mean ± half-range over "
             "seeds. Retrieval, zero-shot and linear probe (LP) on the test split (held-out emoji), through the "
             "exported ONNX files; \"per emoji\": each held-out emoji weighs one, its skin-tone variants sharing "
             "that weight (the plain columns count every image, so an emoji drawn in 26 tones counts 26 times); "
             "cluster statistics of the image tower over all held-out images (val + test). "
+            f"Seen-word queries: the {queries['seen']} held-out emoji names whose every word occurs in some training "
+            f"caption; novel-word queries: the other {queries['novel']}, each with a word no training caption has "
+            "(\"fox face\", most country flags). "
             "References: with `--supervised-reference`, CLIP trained on captions that are only \"a {subcategory} "
             "emoji\" (what the labels alone teach this model in this budget); last, the same linear probe on raw "
             "pixels.\n\n")

@@ -6,6 +6,11 @@ encoders are plain callables returning {"embedding": (N, D) normalised, optional
 Where several images share a group (the emoji data's skin-tone variants of one base emoji), zero-shot and probe
 accuracy are also given per group (`zeroshot_by_group/...`, `linear_probe_by_group/...`): each group weighs one, so
 a held-out emoji drawn in 26 skin tones does not count 26 times.
+
+Given the words of the training captions, text→image recall is also split into queries whose every word was seen in
+training and queries with a novel word (`retrieval_seen_words/...`, `retrieval_novel_words/...`), as open-vocabulary
+detection reports base and novel classes apart (Zareian et al. 2021, OVR-CNN): no caption-trained model can place a
+word it never read.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from core.metrics import (
     mean_hit,
     probe_predictions,
     retrieval_recall,
+    seen_word_mask,
+    text_to_image_recall,
     zero_shot_accuracy,
 )
 
@@ -102,14 +109,19 @@ def evaluate(
     label_sets: dict[str, list[str]],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     label_set_names: list[str] | None = None,
+    seen_words: frozenset[str] | None = None,
 ) -> dict[str, float | int | bool]:
-    """All metrics of a pair of encoders on `eval_set`, keyed `retrieval/...`, `zeroshot/<set>/...`, etc."""
+    """All metrics of a pair of encoders on `eval_set`, keyed `retrieval/...`, `zeroshot/<set>/...`, etc.;
+    with `seen_words` (the training captions' words), also retrieval of seen-word and novel-word queries."""
     image_out = encode_images(eval_set.images)
     query_texts, query_groups = group_queries(eval_set)
     text_out = encode_texts(query_texts)
     results: dict[str, float | int | bool] = {}
     recall = retrieval_recall(image_out["embedding"], eval_set.groups, text_out["embedding"], query_groups)
     results.update({f"retrieval/{name}": value for name, value in recall.items()})
+    if seen_words is not None:
+        results.update(novelty_recall(image_out["embedding"], eval_set.groups, text_out["embedding"], query_texts,
+                                      query_groups, seen_words))
     names = select_label_sets(label_sets, eval_set, label_set_names)
     for name in names:
         results.update(
@@ -124,6 +136,27 @@ def evaluate(
     logger.info(
         "evaluated %d images, %d text queries: %d metrics", len(eval_set), len(query_texts), len(results)
     )
+    return results
+
+
+def novelty_recall(
+    image_emb: np.ndarray,
+    image_groups: Sequence[str],
+    text_emb: np.ndarray,
+    query_texts: Sequence[str],
+    query_groups: Sequence[str],
+    seen_words: frozenset[str],
+) -> dict[str, float | int]:
+    """Text→image recall of the queries whose every word is in `seen_words` (`retrieval_seen_words/t2i_r{k}`) and of
+    the rest (`retrieval_novel_words/...`), each with its number of `queries`; a side without queries has no recall."""
+    seen = seen_word_mask(query_texts, seen_words)
+    results: dict[str, float | int] = {}
+    for part, keep in (("seen_words", seen), ("novel_words", ~seen)):
+        results[f"retrieval_{part}/queries"] = int(keep.sum())
+        if keep.any():
+            groups = [query_groups[i] for i in np.flatnonzero(keep)]
+            recall = text_to_image_recall(image_emb, image_groups, text_emb[keep], groups)
+            results.update({f"retrieval_{part}/{name}": value for name, value in recall.items()})
     return results
 
 

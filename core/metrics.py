@@ -6,6 +6,7 @@ Pure functions shared by training-time evaluation and `eval --bundle`; embedding
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -78,6 +79,33 @@ def _recall_at_k(scores: np.ndarray, query_groups: np.ndarray, gallery_groups: n
     ranked = _top_k(scores, max(ks))
     hits = gallery_groups[ranked] == query_groups[:, None]  # (Q, k)
     return [float(hits[:, :k].any(axis=1).mean()) for k in ks]
+
+
+# A caption's words for the seen/novel split of retrieval queries: casefolded runs of letters and digits.
+WORD = re.compile(r"\w+")
+
+
+def caption_words(text: str) -> set[str]:
+    """The words of a caption, as the seen/novel query split counts them ("Thumbs-up sign" → thumbs, up, sign)."""
+    return set(WORD.findall(text.casefold()))
+
+
+def seen_word_mask(texts: Sequence[str], vocabulary: set[str] | frozenset[str]) -> np.ndarray:
+    """(T,) bool: True where every word of the text occurs in `vocabulary` (e.g. the training captions' words)."""
+    return np.array([caption_words(t) <= vocabulary for t in texts], dtype=bool)
+
+
+def text_to_image_recall(
+    image_emb: np.ndarray,
+    image_groups: Sequence[str],
+    text_emb: np.ndarray,
+    text_groups: Sequence[str],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Recall@k of texts querying the images: `t2i_r{k}`, the share of texts with a same-group image in their top k."""
+    recall = _recall_at_k(text_emb @ image_emb.T, np.asarray(text_groups, dtype=object),
+                          np.asarray(image_groups, dtype=object), ks)
+    return {f"t2i_r{k}": r for k, r in zip(ks, recall, strict=True)}
 
 
 def retrieval_recall(

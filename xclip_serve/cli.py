@@ -20,7 +20,8 @@ app.add_typer(index_app, name="index")
 DEFAULT_CACHE = Path(".cache/data")
 SUMMARY_KEYS = ("zeroshot/category/top1", "zeroshot/subcategory/top1", "zeroshot/subcategory/top5",
                 "zeroshot_by_group/subcategory/top1", "retrieval/t2i_r1", "retrieval/t2i_r5", "retrieval/t2i_r10",
-                "retrieval/i2t_r1", "linear_probe/subcategory", "linear_probe/category",
+                "retrieval/i2t_r1", "retrieval_seen_words/queries", "retrieval_seen_words/t2i_r1",
+                "retrieval_novel_words/queries", "retrieval_novel_words/t2i_r1", "linear_probe/subcategory", "linear_probe/category",
                 "linear_probe_by_group/subcategory", "clusters/image/clusters_used_frac",
                 "clusters/image/entropy_gap")
 

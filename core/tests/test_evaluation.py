@@ -177,3 +177,29 @@ def test_eval_set_from_samples():
 def test_eval_set_rejects_ragged_fields():
     with pytest.raises(ValueError, match="2 entries"):
         EvalSet(images=[None, None], texts=["a"], groups=["a", "b"])
+
+
+def test_retrieval_is_split_into_seen_word_and_novel_word_queries():
+    eval_set = make_eval_set([0, 1, 0], per_group=1)
+    eval_set.texts[1] = "photo of group 2"  # g1's query finds g2's image: a miss
+    seen = frozenset({"photo", "of", "group", "0"})  # "2" was never in a training caption
+    results = evaluate(encode_images, encode_texts, eval_set, None, {}, seen_words=seen)
+    assert results["retrieval/t2i_r1"] == pytest.approx(2 / 3)
+    assert results["retrieval_seen_words/queries"] == 1 and results["retrieval_seen_words/t2i_r1"] == 1.0
+    assert results["retrieval_novel_words/queries"] == 2
+    assert results["retrieval_novel_words/t2i_r1"] == pytest.approx(1 / 2)  # g1 misses, g2 hits
+    assert results["retrieval_novel_words/t2i_r5"] == 1.0
+
+
+def test_every_query_seen_leaves_the_novel_side_without_recall():
+    eval_set = make_eval_set([0, 1], per_group=1)
+    results = evaluate(encode_images, encode_texts, eval_set, None, {},
+                       seen_words=frozenset({"photo", "of", "group", "0", "1"}))
+    assert results["retrieval_seen_words/t2i_r1"] == results["retrieval/t2i_r1"] == 1.0
+    assert results["retrieval_novel_words/queries"] == 0
+    assert not any(key.startswith("retrieval_novel_words/t2i") for key in results)
+
+
+def test_no_seen_novel_split_without_training_words():
+    results = evaluate(encode_images, encode_texts, make_eval_set([0, 1], per_group=1), None, {})
+    assert not any(key.startswith(("retrieval_seen_words/", "retrieval_novel_words/")) for key in results)

@@ -208,6 +208,23 @@ def test_eval_cli_writes_metrics(bundle_dir, shapes_data, tmp_path):
     assert {"retrieval/t2i_r1", "retrieval/i2t_r1"} <= set(metrics)
 
 
+def test_eval_splits_retrieval_by_words_the_training_captions_never_had(bundle_dir, shapes_data, tmp_path):
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes_data, data)
+    rows = [json.loads(line) for line in (data / "captions.jsonl").read_text().splitlines()]
+    test_groups = sorted({r["group"] for r in rows if r["split"] == "test"})
+    for row in rows:  # one held-out group's query names a colour no training caption has
+        if row["group"] == test_groups[0]:
+            row["text"] = ["purple " + row["text"][0].split()[1], *row["text"][1:]]
+    (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = bundle_eval.evaluate_bundle(bundle_dir, str(data), split="test")
+    assert metrics["retrieval_novel_words/queries"] == 1
+    assert metrics["retrieval_seen_words/queries"] == len(test_groups) - 1
+    n_seen = len(test_groups) - 1  # the whole is the two sides weighted by their queries
+    assert metrics["retrieval/t2i_r5"] == pytest.approx(
+        (n_seen * metrics["retrieval_seen_words/t2i_r5"] + metrics["retrieval_novel_words/t2i_r5"]) / len(test_groups))
+
+
 def test_the_bundle_records_its_training_templates_and_eval_uses_them(shapes_data, tmp_path, monkeypatch):
     run = train_run(shapes_data, tmp_path / "run", "clip", templates=["a {} icon", "{}, drawn"])
     bundle = export_run(run, shapes_data, tmp_path / "bundle")
