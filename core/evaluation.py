@@ -31,7 +31,6 @@ from core.metrics import (
     probe_predictions,
     retrieval_recall,
     seen_word_mask,
-    text_to_image_recall,
     zero_shot_accuracy,
 )
 
@@ -155,8 +154,8 @@ def novelty_recall(
         results[f"retrieval_{part}/queries"] = int(keep.sum())
         if keep.any():
             groups = [query_groups[i] for i in np.flatnonzero(keep)]
-            recall = text_to_image_recall(image_emb, image_groups, text_emb[keep], groups)
-            results.update({f"retrieval_{part}/{name}": value for name, value in recall.items()})
+            recall = retrieval_recall(image_emb, image_groups, text_emb[keep], groups)
+            results.update({f"retrieval_{part}/{k}": v for k, v in recall.items() if k.startswith("t2i_")})
     return results
 
 

@@ -95,19 +95,6 @@ def seen_word_mask(texts: Sequence[str], vocabulary: set[str] | frozenset[str]) 
     return np.array([caption_words(t) <= vocabulary for t in texts], dtype=bool)
 
 
-def text_to_image_recall(
-    image_emb: np.ndarray,
-    image_groups: Sequence[str],
-    text_emb: np.ndarray,
-    text_groups: Sequence[str],
-    ks: Sequence[int] = (1, 5, 10),
-) -> dict[str, float]:
-    """Recall@k of texts querying the images: `t2i_r{k}`, the share of texts with a same-group image in their top k."""
-    recall = _recall_at_k(text_emb @ image_emb.T, np.asarray(text_groups, dtype=object),
-                          np.asarray(image_groups, dtype=object), ks)
-    return {f"t2i_r{k}": r for k, r in zip(ks, recall, strict=True)}
-
-
 def retrieval_recall(
     image_emb: np.ndarray,
     image_groups: Sequence[str],
