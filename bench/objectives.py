@@ -28,7 +28,8 @@ OBJECTIVES = ("clip", "nclip", "xclip")
 SUPERVISED = "supervised"
 COLUMNS = {  # metric key → column title
     "retrieval/t2i_r1": "t→i R@1", "retrieval/t2i_r5": "t→i R@5", "retrieval/t2i_r10": "t→i R@10",
-    "retrieval_seen_words/t2i_r1": "t→i R@1 seen-word queries", "retrieval_novel_words/t2i_r1": "t→i R@1 novel-word queries",
+    "retrieval_seen_words/t2i_r1": "t→i R@1 seen-word queries",
+    "retrieval_novel_words/t2i_r1": "t→i R@1 novel-word queries",
     "retrieval/i2t_r1": "i→t R@1", "zeroshot/category/top1": "ZS cat top1",
     "zeroshot/subcategory/top1": "ZS subcat top1", "zeroshot/subcategory/top5": "ZS subcat top5",
     "zeroshot_by_group/subcategory/top1": "ZS subcat top1 per emoji",

@@ -125,8 +125,11 @@ def _fit_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, seed: int):
     return probe.fit(train_x, train_y)
 
 
-def probe_predictions(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """The labels a logistic-regression probe fitted on frozen training features predicts for `test_x`."""
+def probe_predictions(
+    train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, seed: int = 0, c: float = PROBE_C
+) -> np.ndarray:
+    """The labels a logistic-regression probe (inverse L2 penalty `c`) fitted on frozen training features predicts
+    for `test_x`."""
     train_y = np.asarray(train_y)
     if len(train_y) == 0 or len(test_x) == 0:
         raise ValueError("a linear probe needs at least one training and one test example")
@@ -137,8 +140,8 @@ def probe_predictions(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the loose tolerance is deliberate
-        predictions = _fit_probe(train_x, train_y, PROBE_C, seed).predict(test_x)
-    logger.debug("linear probe: C=%s, %d classes, %d train", PROBE_C, len(classes), len(train_y))
+        predictions = _fit_probe(train_x, train_y, c, seed).predict(test_x)
+    logger.debug("linear probe: C=%s, %d classes, %d train", c, len(classes), len(train_y))
     return predictions
 
 

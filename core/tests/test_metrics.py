@@ -12,6 +12,7 @@ from core.metrics import (
     ensemble_class_embeddings,
     group_weights,
     linear_probe,
+    probe_predictions,
     retrieval_recall,
     seen_word_mask,
     zero_shot_accuracy,
@@ -135,6 +136,16 @@ def test_linear_probe_separable_blobs():
     train_x, train_y = blobs(rng, 60, centers)
     test_x, test_y = blobs(rng, 30, centers)
     assert linear_probe(train_x, train_y, test_x, test_y) >= 0.98
+
+
+def test_a_strong_l2_penalty_shrinks_the_probe_to_the_majority_class():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(scale=3.0, size=(3, 16))
+    x, y = blobs(rng, 60, centers)
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:10], np.flatnonzero(y == 2)[:10]])
+    test_x, _ = blobs(rng, 10, centers)
+    assert set(probe_predictions(x[keep], y[keep], test_x, c=1e-6)) == {0}  # only the intercepts are free
+    assert set(probe_predictions(x[keep], y[keep], test_x)) == {0, 1, 2}
 
 
 def test_linear_probe_random_labels_is_chance():
