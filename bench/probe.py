@@ -77,7 +77,7 @@ def probe_scores(features: dict[str, np.ndarray], splits: dict[str, dict], fixed
     held_out = np.concatenate([features["val"], features["test"]])
     weights = {split: group_weights(splits[split]["groups"]) for split in ("val", "test")}
     by_c = {}
-    for c in (*C_GRID, fixed_c):
+    for c in sorted({*C_GRID, fixed_c}):  # one fit per distinct C: eval's C is usually in the grid
         predicted = probe_predictions(features["train"], splits["train"]["labels"], held_out, c=c)
         hits = {"val": predicted[:n_val] == splits["val"]["labels"],
                 "test": predicted[n_val:] == splits["test"]["labels"]}
