@@ -122,7 +122,8 @@ def main() -> None:
         print(f"{bundle_dir}: done", file=sys.stderr)
     scores[f"reference|{PIXELS} {image_size}×{image_size}"].append(
         probe_scores(pixel_features(splits, image_size), splits, PROBE_C))
-    headers, rows = table(dict(sorted(scores.items())))
+    ordered = sorted(scores, key=lambda key: (key.startswith("reference|"), key))  # objectives, then pixels
+    headers, rows = table({key: scores[key] for key in ordered})
     text = markdown_table(headers, rows)
     print(text)
     note = (f"Linear probe on `{args.label}`, trained on the train split, scored on the test split (held-out emoji); "
