@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def machine() -> str:
 def provenance(command: str | None = None, where: str | None = None, date: str | None = None) -> str:
     """Command, machine and date of a measurement: this process's, unless it was taken elsewhere and is only
     being written here."""
-    command = command or " ".join(["python", *sys.argv])
+    command = command or shlex.join(["python", *sys.argv])  # quoted: the line can be pasted back
     today = date or dt.date.today().isoformat()
     return f"Command: `{command}`  \nMachine: {where or machine()}  \nDate: {today}\n"
 

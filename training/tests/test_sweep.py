@@ -93,3 +93,10 @@ def test_each_spec_can_write_its_own_benchmarks_section(tmp_path, monkeypatch):
                                       "--section", "../x"])
     with pytest.raises(SystemExit):
         bench.sweep.main()
+
+
+def test_provenance_quotes_arguments_so_the_command_can_be_pasted_back(monkeypatch):
+    from bench.report import provenance
+
+    monkeypatch.setattr(sys, "argv", ["bench/sweep.py", "--title", "xCLIP balancing (val split)"])
+    assert "Command: `python bench/sweep.py --title 'xCLIP balancing (val split)'`" in provenance()
