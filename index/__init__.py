@@ -4,7 +4,15 @@
 `index.build.build_collection` fills one offline from a data set and a bundle.
 """
 
-from index.collection import Collection, CollectionSpec, Hit, Item
+from index.collection import (
+    MAX_ID_LENGTH,
+    MAX_METADATA_DEPTH,
+    Collection,
+    CollectionSpec,
+    Hit,
+    Item,
+    check_item_id,
+)
 from index.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
@@ -14,10 +22,15 @@ from index.errors import (
     ReembedStateError,
 )
 from index.faiss_index import DEFAULT_INDEX_FACTORY
+from index.filters import MAX_FILTER_KEYS, MAX_IN_VALUES
 from index.store import CollectionStore
 
 __all__ = [
     "DEFAULT_INDEX_FACTORY",
+    "MAX_FILTER_KEYS",
+    "MAX_ID_LENGTH",
+    "MAX_IN_VALUES",
+    "MAX_METADATA_DEPTH",
     "Collection",
     "CollectionExistsError",
     "CollectionNotFoundError",
@@ -29,4 +42,5 @@ __all__ = [
     "Item",
     "ItemNotFoundError",
     "ReembedStateError",
+    "check_item_id",
 ]

@@ -1,15 +1,18 @@
 """Offline bulk build: embed a data set with a bundle's ONNX encoders into a collection, in batches, resumably
 (items that already have a vector for the bundle's model are skipped, so a rerun after a crash continues).
+Items are named by their samples' keys (relative image paths, shard member keys), normalised to pass
+`check_item_id`; a sample whose key cannot name an item is skipped and counted in the bad records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from tqdm import tqdm
@@ -17,7 +20,7 @@ from tqdm import tqdm
 from core.bundle import Bundle, load_bundle
 from core.data import CAPTIONS_JSONL, SPLIT_ALIASES, BadRecords, Sample, iter_samples
 from core.onnx_encoder import OnnxEncoder
-from index.collection import Collection, Item
+from index.collection import Collection, Item, check_item_id
 from index.errors import CollectionNotFoundError, InvalidCollectionError
 from index.store import CollectionStore
 
@@ -39,7 +42,7 @@ def build_collection(bundle_dir: str | Path, data: str | Path | list, root: str 
     try:
         target = _open_target(store, collection, modality, bundle, index_factory)
         bad = BadRecords()
-        batches = _batches(iter_samples(data, split, bad), batch_size)
+        batches = _batches(_named_by_item_id(iter_samples(data, split, bad), bad), batch_size)
         bar = tqdm(total=expected_samples(data, split), unit=modality, desc=f"index {collection}",
                    disable=not progress)
         with bar:
@@ -117,6 +120,23 @@ def _embed_all(collection: Collection, encoder: OnnxEncoder, batches: Iterable[l
         added, skipped = added + len(todo), skipped + len(batch) - len(todo)
         bar.update(len(batch))
     return added, skipped
+
+
+def _named_by_item_id(samples: Iterable[Sample], bad: BadRecords) -> Iterator[Sample]:
+    """The samples with their keys as item ids: '.' segments and doubled slashes dropped (a shard written with
+    `tar -C dir .` has keys like `./000001`); keys that still fail `check_item_id`, or that now collide with an
+    earlier key, are counted in `bad` and skipped."""
+    seen: set[str] = set()
+    for sample in samples:
+        item_id = PurePosixPath(sample.key).as_posix()
+        reason = check_item_id(item_id)
+        if reason is not None:
+            bad.add("bad_item_id", repr(sample.key)[:80], f"item id {reason}")
+        elif item_id in seen:
+            bad.add("duplicate_item_id", repr(sample.key)[:80], f"item id {item_id!r} was taken by another key")
+        else:
+            seen.add(item_id)
+            yield sample if item_id == sample.key else dataclasses.replace(sample, key=item_id)
 
 
 def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:

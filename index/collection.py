@@ -5,6 +5,11 @@ Writes commit to SQLite first (an acknowledged write is durable), then update FA
 a cache, caught up from SQLite at open (see `snapshot`). One lock per collection serialises writes and
 searches; index rebuilds (training, compaction, the end of a re-embed) run off the lock and are caught up
 under it.
+
+What an upsert accepts: ids by `check_item_id` (1-MAX_ID_LENGTH (256) characters, no control characters, no
+leading or trailing whitespace, no '.' or '..' path segment: the service puts ids in URL paths); metadata a JSON
+object at most MAX_METADATA_DEPTH (16) objects/lists deep, with finite numbers only (`_metadata_json`).
+Anything else is refused with InvalidCollectionError before any of the batch is stored.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -19,7 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from index.db import ItemsDB
-from index.errors import CollectionNotFoundError, InvalidCollectionError, ItemNotFoundError, ReembedStateError
+from index.errors import (
+    CollectionNotFoundError,
+    InvalidCollectionError,
+    ItemNotFoundError,
+    ReembedStateError,
+    SpaceChangedError,
+)
 from index.faiss_index import VectorIndex, check_model, exact_search, index_family
 from index.filters import where_clause
 from index.gpu import GpuReplica
@@ -30,9 +42,11 @@ logger = logging.getLogger(__name__)
 DB_FILE = "items.sqlite"
 KINDS = ("image", "text", "vector")
 MAX_ID_LENGTH = 256
+MAX_METADATA_DEPTH = 16  # objects/lists, the metadata object itself included: {"a": [1]} is 2 deep
 MAX_K = 10_000
 EXACT_CANDIDATES_MAX = 10_000  # a filter this selective is searched exactly over its candidates' vectors
 SHORT_RESULT_RETRIES = (4, 16)  # efSearch / nprobe multipliers tried when an approximate search is short
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +66,7 @@ class CollectionSpec:
 class Item:
     """One stored item: its external id, metadata and the source it was embedded from."""
 
-    id: str  # external id, 1..256 characters
+    id: str  # external id, see `check_item_id`
     metadata: dict  # a JSON object
     kind: str  # "image" | "text" | "vector"
     text: str | None = None
@@ -184,17 +198,30 @@ class Collection:
                                     f"(or has no vector for model {spec.model_id!r})")
         return matrix[[row_of[i] for i in ids]]
 
-    def search(self, queries: np.ndarray, k: int, where: dict | None = None) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, where: dict | None = None,
+               model_id: str | None = None) -> list[list[Hit]]:
         """Top-k hits per query row (Q, dim) float32, best first, optionally only items matching `where`
-        ({"key": value} / {"key": {"in": [...]}}, ANDed); fewer than k only when fewer items qualify."""
+        ({"key": value} / {"key": {"in": [...]}}, ANDed; limits in `index.filters`); fewer than k only when
+        fewer items qualify.
+        With `model_id` (the model that embedded the queries), SpaceChangedError if the collection is no longer
+        in that model's space: checked under the lock the search holds, so spaces never mix."""
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise InvalidCollectionError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
         clause = where_clause(where)
         with self._lock:
+            if model_id is not None and model_id != self._spec.model_id:
+                raise SpaceChangedError(f"collection {self._spec.name!r} is now in model "
+                                        f"{self._spec.model_id!r}'s space, not {model_id!r}'s")
             queries = _checked_vectors(queries, None, self._spec.dim, "queries")
             allowed = None if clause is None else self._db.candidates(*clause, self._spec.model_id)
             distances, labels = self._search(queries, k, allowed)
             return self._hits(distances, labels)
+
+    def search_like(self, ids: list[str], k: int, where: dict | None = None) -> tuple[str, list[list[Hit]]]:
+        """(model id, hits) for stored items' own vectors as queries, read and searched under one lock hold."""
+        with self._lock:
+            queries = self.vectors(ids)
+            return self._spec.model_id, self.search(queries, k, where)
 
     def _search(self, queries: np.ndarray, k: int,
                 allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -256,12 +283,15 @@ class Collection:
                 return []
             return [_item_from_row(row) for row in self._db.pending(self._target["model_id"], limit)]
 
-    def write_reembedded(self, ids: list[str], vectors: np.ndarray, int_ids: list[int] | None = None) -> None:
+    def write_reembedded(self, ids: list[str], vectors: np.ndarray, int_ids: list[int] | None = None,
+                         model_id: str | None = None) -> None:
         """Store target-model vectors (N, target dim) for items; ids deleted since are skipped, and so are
-        items replaced since when `int_ids` (from `pending_reembed`) are given: they are pending again."""
+        items replaced since when `int_ids` (from `pending_reembed`) are given: they are pending again.
+        With `model_id`, ReembedStateError unless the target is still that model (a re-targeted re-embed's
+        late write is refused, not stored as the new target's)."""
         ids = _checked_ids(ids)
         with self._lock:
-            target = self._require_target()
+            target = self._require_target(model_id)
             vectors = _checked_vectors(vectors, len(ids), target["dim"], "vectors")
             if int_ids is not None and len(int_ids) != len(ids):
                 raise InvalidCollectionError(f"int_ids has {len(int_ids)} entries for {len(ids)} ids")
@@ -276,15 +306,18 @@ class Collection:
             return {"target_model_id": self._target["model_id"], "dim": self._target["dim"], "done": done,
                     "total": self._db.count()}
 
-    def finish_reembed(self) -> None:
+    def finish_reembed(self, model_id: str | None = None) -> None:
         """Swap in an index of the target vectors (built off the lock) and make the target the collection's
-        model; ReembedStateError while items are pending. Searches use the old index until the swap."""
+        model; ReembedStateError while items are pending (or, with `model_id`, when the target is another
+        model). Searches use the old index until the swap."""
         with self._rebuild_lock:
             with self._lock:
-                target = self._require_target()
+                target = self._require_target(model_id)
                 self._require_nothing_pending(target)
             fresh = self._build_index(self._reader, target["model_id"], target["dim"])
             with self._lock:
+                if self._target != target:
+                    raise ReembedStateError(f"collection {self._spec.name!r}: the re-embed was re-targeted")
                 self._require_nothing_pending(target)
                 self._catch_up(fresh, target["model_id"])
                 spec = dataclasses.replace(self._spec, model_id=target["model_id"], dim=target["dim"])
@@ -293,16 +326,20 @@ class Collection:
         logger.info("collection %s: now in model %s (dim %d)", spec.name, spec.model_id, spec.dim)
         self.flush()
 
-    def cancel_reembed(self) -> None:
-        """Abandon a running re-embed, dropping the target vectors written so far."""
+    def cancel_reembed(self, model_id: str | None = None) -> None:
+        """Abandon a running re-embed (only if its target is `model_id`, when given), dropping the target
+        vectors written so far."""
         with self._lock:
-            target = self._require_target()
+            target = self._require_target(model_id)
             self._db.cancel_reembed(target["model_id"])
             self._target = None
 
-    def _require_target(self) -> dict:
+    def _require_target(self, model_id: str | None = None) -> dict:
         if self._target is None:
             raise ReembedStateError(f"collection {self._spec.name!r} is not being re-embedded")
+        if model_id is not None and self._target["model_id"] != model_id:
+            raise ReembedStateError(f"collection {self._spec.name!r} is being re-embedded into "
+                                    f"{self._target['model_id']!r}, not {model_id!r}")
         return self._target
 
     def _require_nothing_pending(self, target: dict) -> None:
@@ -425,15 +462,48 @@ class _Closed:
 # ---------------------------------------------------------------------------------------------- validation
 
 
+def check_item_id(item_id: object) -> str | None:
+    """Why `item_id` cannot name a new item (a phrase to follow the id in a message), or None when it can.
+
+    The service puts ids in URL paths (`/items/{id}`, slashes allowed): HTTP clients resolve '.' and '..'
+    segments away and may trim whitespace, so such ids could be stored but never addressed."""
+    if not isinstance(item_id, str):
+        return f"must be a string, not {type(item_id).__name__}"
+    if not 1 <= len(item_id) <= MAX_ID_LENGTH:
+        return f"must have 1-{MAX_ID_LENGTH} characters"
+    if _CONTROL_CHARACTER.search(item_id):
+        return "must not contain control characters (U+0000-U+001F, U+007F)"
+    if item_id[0].isspace() or item_id[-1].isspace():
+        return "must not start or end with whitespace"
+    if any(segment in (".", "..") for segment in item_id.split("/")):
+        return "must not have a '.' or '..' path segment"
+    return None
+
+
+def _new_item_id(item_id: object) -> str:
+    """`item_id` if it may name a new item, else InvalidCollectionError naming it and the rule it breaks."""
+    reason = check_item_id(item_id)
+    if reason is not None:
+        raise InvalidCollectionError(f"item id {_shown(item_id)} {reason}")
+    return item_id
+
+
 def _checked_ids(ids: list[str]) -> list[str]:
-    """`ids` if it is a list of valid external ids, else InvalidCollectionError naming the first bad one."""
+    """`ids` to look up, else InvalidCollectionError naming the first bad one. Only the shape is checked, not
+    `check_item_id`: an item stored before those rules must stay readable and deletable."""
     if not isinstance(ids, list | tuple):
         raise InvalidCollectionError(f"ids must be a list of strings, got {type(ids).__name__}")
     for item_id in ids:
         if not isinstance(item_id, str) or not 1 <= len(item_id) <= MAX_ID_LENGTH:
-            raise InvalidCollectionError(f"item id {item_id!r} must be a string of 1-{MAX_ID_LENGTH} "
+            raise InvalidCollectionError(f"item id {_shown(item_id)} must be a string of 1-{MAX_ID_LENGTH} "
                                          "characters")
     return list(ids)
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to about `limit` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _checked_vectors(vectors: object, rows: int | None, dim: int, what: str) -> np.ndarray:
@@ -466,7 +536,7 @@ def _item_row(item: Item, modality: str) -> tuple:
     """One item as a row; its kind must be the collection's modality or "vector" and carry that source."""
     if not isinstance(item, Item):
         raise InvalidCollectionError(f"items must be Item instances, got {type(item).__name__}")
-    _checked_ids([item.id])
+    _new_item_id(item.id)
     if item.kind not in (modality, "vector"):
         raise InvalidCollectionError(f"item {item.id!r}: kind {item.kind!r} does not fit a {modality} "
                                      f"collection (expected {modality!r} or 'vector')")
@@ -490,13 +560,31 @@ def _check_sources(item: Item) -> None:
 
 
 def _metadata_json(item: Item) -> str:
+    """The item's metadata as JSON text: an object at most MAX_METADATA_DEPTH deep, with finite numbers."""
     if not isinstance(item.metadata, dict):
         raise InvalidCollectionError(f"item {item.id!r}: metadata must be a JSON object, "
                                      f"got {type(item.metadata).__name__}")
+    # Deeper metadata would store fine and then fail to come back out: the service's JSON encoder (pydantic)
+    # stops at ~255 levels, Python's json at ~1,000 (where json.dumps would also raise RecursionError here).
+    if _nests_deeper(item.metadata, MAX_METADATA_DEPTH):
+        raise InvalidCollectionError(f"item {item.id!r}: metadata nests deeper than {MAX_METADATA_DEPTH} levels "
+                                     "of objects and lists")
     try:
         return json.dumps(item.metadata, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise InvalidCollectionError(f"item {item.id!r}: metadata is not JSON-serialisable: {err}") from err
+
+
+def _nests_deeper(value: object, levels: int) -> bool:
+    """Whether `value` nests objects/lists more than `levels` deep; the walk stops one level past the limit, so
+    any input (even a cyclic one) is measured in bounded recursion."""
+    if isinstance(value, dict):
+        children = value.values()
+    elif isinstance(value, list | tuple):
+        children = value
+    else:
+        return False
+    return levels == 0 or any(_nests_deeper(child, levels - 1) for child in children)
 
 
 def _item_from_row(row) -> Item:

@@ -25,3 +25,7 @@ class ItemNotFoundError(IndexStoreError):
 
 class ReembedStateError(IndexStoreError):
     """A re-embedding call that does not fit the collection's state (none running, another one, pending)."""
+
+
+class SpaceChangedError(ReembedStateError):
+    """The collection moved into another model's space between embedding a query and searching it."""

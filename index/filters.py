@@ -1,15 +1,31 @@
 """Metadata filters (`where`) as an SQL condition over the items' JSON metadata: `{"key": value}` is equality,
 `{"key": {"in": [v1, v2]}}` membership, several keys are ANDed. Keys are top-level metadata keys; values are
-JSON scalars, compared with their JSON type (1 does not match "1" or true)."""
+JSON scalars, compared with their JSON type (1 matches 1 and 1.0 but not "1" or true; null matches JSON null,
+not a missing key).
+
+Limits, refused with InvalidCollectionError: at most MAX_FILTER_KEYS (64) keys per filter, MAX_IN_VALUES
+(10,000) values per "in" list, keys of MAX_KEY_LENGTH (256) characters. Each key's values travel as one JSON
+array parameter expanded by `json_each`, so the SQL stays the same small size whatever the list's length
+(one OR term per value overflowed SQLite's expression depth of 1,000).
+"""
 
 from __future__ import annotations
 
+import json
 import math
 
 from index.errors import InvalidCollectionError
 
-MAX_IN_VALUES = 1000
+MAX_FILTER_KEYS = 64
+MAX_IN_VALUES = 10_000
 MAX_KEY_LENGTH = 256
+
+# A JSON value as a comparable SQL pair (kind, value): json_type with 'real' folded into 'integer' (1 matches
+# 1.0), and the SQL value with JSON null's NULL made 0 so that IN can match it (true and false also read as
+# 1 and 0: the kind tells them from numbers). The metadata's value at a key is paired the same way as each
+# element of the "in" list; IN over the uncorrelated subquery builds its lookup table once per search.
+_KEY_MATCHES_ANY = ("(replace(json_type(metadata, ?), 'real', 'integer'), ifnull(json_extract(metadata, ?), 0)) "
+                    "IN (SELECT replace(type, 'real', 'integer'), ifnull(value, 0) FROM json_each(?))")
 
 
 def where_clause(where: dict | None) -> tuple[str, list] | None:
@@ -18,22 +34,14 @@ def where_clause(where: dict | None) -> tuple[str, list] | None:
         return None
     if not isinstance(where, dict) or not where:
         raise InvalidCollectionError(f"where must be a non-empty JSON object of metadata keys, got {where!r}")
+    if len(where) > MAX_FILTER_KEYS:
+        raise InvalidCollectionError(f"where names {len(where)} keys; at most {MAX_FILTER_KEYS} keys per filter")
     conditions, params = [], []
     for key, condition in where.items():
-        sql, args = _key_clause(key, condition)
-        conditions.append(sql)
-        params.extend(args)
+        path = _json_path(key)
+        conditions.append(_KEY_MATCHES_ANY)
+        params.extend([path, path, _values_json(key, condition)])
     return " AND ".join(conditions), params
-
-
-def _key_clause(key: object, condition: object) -> tuple[str, list]:
-    """The condition on one key: one value, or any of an "in" list."""
-    path = _json_path(key)
-    values = _in_values(key, condition) if isinstance(condition, dict) else [condition]
-    if not values:
-        return "0", []  # "in" an empty list matches nothing
-    parts = [_value_clause(path, key, value) for value in values]
-    return "(" + " OR ".join(sql for sql, _ in parts) + ")", [arg for _, args in parts for arg in args]
 
 
 def _json_path(key: object) -> str:
@@ -44,26 +52,31 @@ def _json_path(key: object) -> str:
     return f'$."{key}"'
 
 
+def _values_json(key: str, condition: object) -> str:
+    """The values a key may take, as one JSON array: the "in" list, or the one value (an empty list matches
+    nothing)."""
+    values = _in_values(key, condition) if isinstance(condition, dict) else [condition]
+    for value in values:
+        _check_scalar(key, value)
+    return json.dumps(values, allow_nan=False)
+
+
 def _in_values(key: str, condition: dict) -> list:
     """The values of `{"in": [...]}`; any other operator is refused."""
     if set(condition) != {"in"} or not isinstance(condition["in"], list):
         raise InvalidCollectionError(f"where[{key!r}] must be a value or {{\"in\": [values]}}, "
                                      f"got {condition!r}")
     if len(condition["in"]) > MAX_IN_VALUES:
-        raise InvalidCollectionError(f"where[{key!r}]: at most {MAX_IN_VALUES} values in an \"in\" list")
+        raise InvalidCollectionError(f"where[{key!r}] has {len(condition['in'])} values; at most "
+                                     f"{MAX_IN_VALUES} values in an \"in\" list")
     return condition["in"]
 
 
-def _value_clause(path: str, key: str, value: object) -> tuple[str, list]:
-    """Equality of the key's JSON value with one scalar, type included."""
-    if value is None:
-        return "json_type(metadata, ?) = 'null'", [path]
-    if isinstance(value, bool):
-        return "json_type(metadata, ?) = ?", [path, "true" if value else "false"]
-    if isinstance(value, int | float) and math.isfinite(value) and abs(value) < 2**63:  # SQLite's range
-        sql = "(json_type(metadata, ?) IN ('integer', 'real') AND json_extract(metadata, ?) = ?)"
-        return sql, [path, path, value]
-    if isinstance(value, str):
-        return "(json_type(metadata, ?) = 'text' AND json_extract(metadata, ?) = ?)", [path, path, value]
+def _check_scalar(key: str, value: object) -> None:
+    """A JSON scalar SQLite can compare: null, true/false, a string, or a finite number in int64's range."""
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, int | float) and math.isfinite(value) and abs(value) < 2**63:
+        return
     raise InvalidCollectionError(f"where[{key!r}]: {value!r} is not a JSON scalar "
                                  "(string, number, true/false, null)")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import tarfile
 
 import pytest
 from typer.testing import CliRunner
@@ -10,6 +13,7 @@ from typer.testing import CliRunner
 from core.bundle import load_bundle
 from core.data import load_samples
 from index.build import build_collection, expected_samples
+from index.collection import check_item_id
 from index.errors import InvalidCollectionError
 from index.store import CollectionStore
 from xclip_serve.cli import app
@@ -109,3 +113,42 @@ def test_cli_builds_and_reports(tmp_path, tiny_bundle, shapes_data):
 def test_expected_samples_is_none_without_a_captions_file(tmp_path):
     assert expected_samples(tmp_path, None) is None
     assert expected_samples([str(tmp_path / "a.tar")], None) is None
+
+
+def test_build_skips_and_counts_files_whose_names_cannot_be_item_ids(tmp_path, tiny_bundle, shapes_data, encoder):
+    data = tmp_path / "odd"
+    (data / "images").mkdir(parents=True)
+    names = ["images/plain.png", "images/" + "x" * 251 + ".png", "images/tab\there.png", "images/ inner ok.png"]
+    for name in names:
+        shutil.copy(shapes_data / "images/red-circle-0.png", data / name)
+    (data / "captions.jsonl").write_text("".join(json.dumps({"image": n, "text": ["red circle"]}) + "\n"
+                                                 for n in names))
+    summary = build_collection(tiny_bundle, data, tmp_path / "root", "odd", progress=False, encoder=encoder)
+    assert summary["bad_records"]["by_reason"] == {"bad_item_id": 2}
+    store = CollectionStore(tmp_path / "root")
+    assert store.get("odd").list_ids() == ["images/ inner ok.png", "images/plain.png"]
+    store.close()
+
+
+def shard_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, io.BytesIO(data)
+
+
+def test_build_normalises_dot_segments_of_shard_keys(tmp_path, tiny_bundle, shapes_data, encoder):
+    """`tar -C dir .` writes members as ./KEY.png: their items are named KEY; one that then collides with
+    another key is skipped and counted."""
+    png = (shapes_data / "images/red-circle-0.png").read_bytes()
+    keys = ["./a", "b/./c", "a", "d/../e", "./f"]
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for key in keys:
+            tar.addfile(*shard_member(f"{key}.png", png))
+            tar.addfile(*shard_member(f"{key}.txt", b"red circle"))
+    summary = build_collection(tiny_bundle, [str(tmp_path / "shard.tar")], tmp_path / "root", "shard",
+                               progress=False, encoder=encoder)
+    assert summary["bad_records"]["by_reason"] == {"duplicate_item_id": 1, "bad_item_id": 1}
+    store = CollectionStore(tmp_path / "root")
+    ids = store.get("shard").list_ids()
+    assert ids == ["a", "b/c", "f"] and all(check_item_id(i) is None for i in ids)
+    store.close()

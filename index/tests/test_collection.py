@@ -3,10 +3,13 @@ compaction) and the errors bad inputs get, each naming what was wrong."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from index.collection import Item
+from index import collection as collection_module
+from index.collection import MAX_ID_LENGTH, MAX_METADATA_DEPTH, Item, check_item_id
 from index.errors import (
     CollectionExistsError,
     CollectionNotFoundError,
@@ -162,6 +165,8 @@ BAD_CALLS = [  # (what is wrong, the call, the error, a fragment its message mus
     ("metadata not an object", upsert(items=[Item("x", ["a"], "vector")]), InvalidCollectionError, "'x'"),
     ("metadata not JSON", upsert(items=[Item("x", {"f": {1, 2}}, "vector")]), InvalidCollectionError, "'x'"),
     ("metadata NaN", upsert(items=[Item("x", {"f": float("nan")}, "vector")]), InvalidCollectionError, "'x'"),
+    ("metadata infinite, nested", upsert(items=[Item("x", {"f": [{"g": float("-inf")}]}, "vector")]),
+     InvalidCollectionError, "'x'"),
     ("text item in an image collection", upsert(items=[Item("t", {}, "text", text="hi")]),
      InvalidCollectionError, "'text'"),
     ("image item without a source", upsert(items=[Item("i", {}, "image")]), InvalidCollectionError, "'i'"),
@@ -183,3 +188,87 @@ def test_bad_input_raises_naming_the_problem(store, call, error, fragment):
         call(store, collection)
     assert fragment in str(raised.value)
     assert collection.count() == 0  # nothing was half-written
+
+
+# ------------------------------------------------------------------------------------------- item ids
+
+
+ID_CASES = [  # (item id, a fragment of why it is refused; None: accepted)
+    ("a", None),
+    ("images/1f600.png", None),  # what `index build` writes: paths relative to the data set
+    ("x" * MAX_ID_LENGTH, None),
+    ("inner space/and more", None),
+    ("...", None),
+    (".hidden/a..b/c.", None),
+    ("/leading/and/trailing/", None),
+    ("é😀", None),
+    ("%2e%2e/a?b#c", None),  # percent-encoding and query characters are the HTTP client's business
+    ("", "1-256 characters"),
+    ("x" * (MAX_ID_LENGTH + 1), "1-256 characters"),
+    (1, "string"),
+    (None, "string"),
+    (b"bytes", "string"),
+    ("nul\x00", "control character"),
+    ("line\nbreak", "control character"),
+    ("tab\tinside", "control character"),
+    ("del\x7f", "control character"),
+    (" leading", "whitespace"),
+    ("trailing ", "whitespace"),
+    ("no-break space\u00a0", "whitespace"),
+    (".", "'.' or '..' path segment"),
+    ("..", "'.' or '..' path segment"),
+    ("a/./b", "'.' or '..' path segment"),
+    ("../up", "'.' or '..' path segment"),
+    ("down/..", "'.' or '..' path segment"),
+]
+
+
+@pytest.mark.parametrize(("item_id", "reason"), ID_CASES, ids=[repr(case[0])[:24] for case in ID_CASES])
+def test_item_id_rules(item_id, reason):
+    refused = check_item_id(item_id)
+    assert refused is None if reason is None else reason in refused
+
+
+@pytest.mark.parametrize("bad_id", ["a/../b", " padded", "nul\x00", "z" * 10_000])
+def test_upsert_refuses_a_batch_with_one_bad_id_storing_none_of_it(store, bad_id):
+    collection = store.create("c", "image", 16, "m")
+    collection.upsert(vector_items(2), random_unit(2, 16), "m")
+    batch = [Item("0", {"n": "changed"}, "vector"), Item("new", {}, "vector"), Item(bad_id, {}, "vector")]
+    with pytest.raises(InvalidCollectionError, match=re.escape(repr(bad_id)[:40])) as raised:
+        collection.upsert(batch, random_unit(3, 16), "m")
+    assert len(str(raised.value)) < 300  # a huge id is shown truncated
+    assert collection.count() == 2
+    assert collection.get(["0"])[0].metadata == {"n": 0} and collection.get(["new"]) == [None]
+
+
+def test_an_item_stored_before_the_id_rules_can_still_be_read_and_deleted(store, monkeypatch):
+    collection = store.create("c", "image", 16, "m")
+    with monkeypatch.context() as before_the_rules:
+        before_the_rules.setattr(collection_module, "check_item_id", lambda item_id: None)
+        collection.upsert([Item("./old", {"n": 1}, "vector")], random_unit(1, 16), "m")
+    assert collection.get(["./old"])[0].metadata == {"n": 1}
+    assert collection.delete(["./old"]) == 1 and collection.count() == 0
+
+
+# ------------------------------------------------------------------------------------------- metadata depth
+
+
+def nested(depth: int) -> dict:
+    """Metadata `depth` JSON containers deep, objects and lists alternating: {"a": [{"a": [... "leaf"]}]}."""
+    value = "leaf"
+    for level in reversed(range(depth)):
+        value = {"a": value} if level % 2 == 0 else [value]
+    return value
+
+
+def test_metadata_nested_to_the_limit_round_trips_and_deeper_is_refused(store):
+    collection = store.create("c", "image", 16, "m")
+    collection.upsert(vector_items(2), random_unit(2, 16), "m")
+    collection.upsert([Item("deepest", nested(MAX_METADATA_DEPTH), "vector")], random_unit(1, 16), "m")
+    assert collection.get(["deepest"])[0].metadata == nested(MAX_METADATA_DEPTH)
+    for depth in (MAX_METADATA_DEPTH + 1, 300, 5000):
+        batch = [Item("0", {"n": "changed"}, "vector"), Item("too-deep", nested(depth), "vector")]
+        with pytest.raises(InvalidCollectionError, match=f"'too-deep'.* {MAX_METADATA_DEPTH} levels"):
+            collection.upsert(batch, random_unit(2, 16), "m")
+    assert collection.count() == 3
+    assert collection.get(["0"])[0].metadata == {"n": 0} and collection.get(["too-deep"]) == [None]

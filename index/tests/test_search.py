@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from index import collection as collection_module
+from index import filters
 from index.errors import CollectionNotFoundError, InvalidCollectionError
 from index.store import CollectionStore
 from index.tests.conftest import random_unit, vector_items
@@ -171,3 +172,75 @@ def test_one_query_at_a_time_matches_the_batch(store, factory):
     assert [[h.id for h in row] for row in singles] == [[h.id for h in row] for row in batch]
     np.testing.assert_allclose([[h.score for h in row] for row in singles],
                                [[h.score for h in row] for row in batch], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- large filters
+
+WIDE_KEYS = 64  # metadata keys k0..k63 of the wide collection: a filter can name this many
+
+
+def wide_metadata(i: int) -> dict:
+    """Typed values to tell apart (1 vs 1.0 vs "1" vs true, null vs missing) and WIDE_KEYS small numbers."""
+    return {"n": i, "half": i / 2, "s": str(i % 50), "flag": i % 3 == 0, "tag": None if i % 2 else "even",
+            "emoji": "😀" if i % 5 == 0 else "é", **({"odd_only": i} if i % 2 else {}),
+            **{f"k{j}": (i * (j + 1)) % 10 for j in range(WIDE_KEYS)}}
+
+
+def json_kind(value: object) -> str:
+    return {bool: "bool", int: "number", float: "number", str: "text", type(None): "null"}[type(value)]
+
+
+def reference_filter(where: dict):
+    """The filter's meaning in Python, as a predicate on metadata: every key present with a value of the same
+    JSON kind equal to one of its values (1 == 1.0, but 1 != "1" and 1 != true; null matches JSON null, not a
+    missing key)."""
+    wanted = {key: {(json_kind(v), v) for v in (condition["in"] if isinstance(condition, dict) else [condition])}
+              for key, condition in where.items()}
+    return lambda metadata: all(key in metadata and (json_kind(metadata[key]), metadata[key]) in values
+                                for key, values in wanted.items())
+
+
+@pytest.fixture(scope="module")
+def wide_collection(filter_store):
+    collection = filter_store.create("wide", "image", 16, "m", "Flat")
+    collection.upsert(vector_items(len(FILTER_BASE), wide_metadata), FILTER_BASE, "m")
+    return collection
+
+
+LARGE_FILTERS = [  # (what, where, items matching): each also compared with `reference_filter` item by item
+    ("1,000 numbers", {"n": {"in": list(range(0, 2000, 2))}}, 1000),
+    ("10,000 mixed values", {"n": {"in": [*range(1000, 6000), *map(str, range(5000))]}}, 1000),
+    ("10,000 texts", {"s": {"in": [str(i) for i in range(25, 10_025)]}}, 1000),
+    ("numbers match floats", {"half": {"in": [*range(300), 0.5, 7.5]}}, 302),
+    ("floats match integers", {"n": {"in": [float(i) for i in range(0, 1000, 3)]}}, 334),
+    ("no number matches a boolean", {"flag": {"in": [1, 0, 1.0, "true", None]}}, 0),
+    ("booleans", {"flag": {"in": [True, *range(999)]}}, 667),
+    ("null among 1,000 values", {"tag": {"in": [None, *range(999)]}}, 1000),
+    ("null does not match a missing key", {"odd_only": {"in": [None, 2, 3]}}, 1),
+    ("non-ASCII texts", {"emoji": {"in": ["😀", *map(str, range(999))]}}, 400),
+    ("one value per key", {"emoji": "é", "flag": True}, 533),
+    ("40 keys x 1,000 values", {f"k{j}": {"in": [*range(7), 8, 9, *range(100, 1091)]} for j in range(40)}, 1200),
+    ("64 keys, the most", {**{f"k{j}": {"in": [v for v in range(10) if v != j % 10]} for j in range(62)},
+                           "n": {"in": list(range(1500))}, "tag": None}, 750),
+]
+
+
+@pytest.mark.parametrize(("where", "count"), [case[1:] for case in LARGE_FILTERS],
+                         ids=[case[0] for case in LARGE_FILTERS])
+def test_large_filter_matches_the_python_reference(wide_collection, where, count):
+    """A search with k = every item returns exactly the items the reference accepts."""
+    matches = reference_filter(where)
+    matching = {str(i) for i in range(len(FILTER_BASE)) if matches(wide_metadata(i))}
+    hits = wide_collection.search(random_unit(1, 16, seed=9), len(FILTER_BASE), where=where)[0]
+    assert {h.id for h in hits} == matching
+    assert len(matching) == count
+
+
+@pytest.mark.parametrize(("where", "limit"), [
+    ({f"k{j}": 1 for j in range(filters.MAX_FILTER_KEYS + 1)}, f"at most {filters.MAX_FILTER_KEYS} keys"),
+    ({f"key{j}": 1 for j in range(5000)}, f"at most {filters.MAX_FILTER_KEYS} keys"),
+    ({"n": {"in": list(range(filters.MAX_IN_VALUES + 1))}}, f"at most {filters.MAX_IN_VALUES} values"),
+])
+def test_filter_over_the_limits_is_refused_naming_the_limit(wide_collection, where, limit):
+    with pytest.raises(InvalidCollectionError, match=limit):
+        wide_collection.search(random_unit(1, 16), K, where=where)
