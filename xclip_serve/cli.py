@@ -16,6 +16,9 @@ data_app = typer.Typer(help="Fetch and prepare data sets.", no_args_is_help=True
 app.add_typer(data_app, name="data")
 index_app = typer.Typer(help="Build and inspect search collections (FAISS + SQLite).", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+keys_app = typer.Typer(help="API keys of the service: a file of salted hashes (XCLIP_API_KEYS_FILE).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 DEFAULT_CACHE = Path(".cache/data")
 SUMMARY_KEYS = ("zeroshot/category/top1", "zeroshot/subcategory/top1", "zeroshot/subcategory/top5",
@@ -43,6 +46,7 @@ def data_emoji(cache_dir: Annotated[Path, typer.Option(help="Where the npm pack 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[str, typer.Option(help="Folder with captions.jsonl/csv, or WebDataset shards.")] =
         str(DEFAULT_CACHE / "emoji-16.0.0"),
     output: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics, plots).")] = Path("runs/xclip"),
@@ -65,28 +69,41 @@ def train(
         help="Image–label mixing: the share of training captions replaced by the image's label in the first "
              "template (0: off).")] = None,
     label_prompt_set: Annotated[str | None, typer.Option(help="The label set those prompts use.")] = None,
-    no_resume: bool = False,
+    resume: Annotated[bool, typer.Option(help="Resume from the run directory's latest checkpoint.")] = True,
 ) -> None:
     """Train a model; resumes from the run directory's latest checkpoint."""
     from training.trainer import TrainConfig, resolve_precision
     from training.trainer import train as run_training
 
-    fields = json.loads(config.read_text()) if config else {}
-    fields.update(data=data, output=str(output), model=model, objective=objective, epochs=epochs,
-                  batch_size=batch_size, lr=lr, seed=seed, precision=resolve_precision(precision),
-                  eval_every=eval_every, max_steps=max_steps, resume=not no_resume)
-    if template:
-        fields["templates"] = template
-    for name, value in (("label_prompt_prob", label_prompt_prob), ("label_prompt_set", label_prompt_set)):
-        if value is not None:
-            fields[name] = value
+    file_fields = json.loads(config.read_text()) if config else {}
+    fields = train_fields(ctx, file_fields)
     try:
+        fields["precision"] = resolve_precision(fields["precision"])
         train_config = TrainConfig.from_dict(fields)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # TypeError: a field TrainConfig does not have
         raise typer.BadParameter(str(err)) from err
     summary = run_training(train_config)
     if summary:
         print_summary(summary)
+
+
+def train_fields(ctx: typer.Context, file_fields: dict) -> dict:
+    """TrainConfig fields: the options' defaults, overridden by the config file, overridden by the options the
+    command line gave."""
+    defaults, given = {}, {}
+    for name, value in ctx.params.items():
+        if name == "config" or value in (None, ()):  # unset (a repeatable option: ()): TrainConfig's default
+            continue
+        field = "templates" if name == "template" else name
+        (given if _given(ctx, name) else defaults)[field] = str(value) if isinstance(value, Path) else value
+    return {**defaults, **file_fields, **given}
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the command line set the option (rather than its default)."""
+    source = ctx.get_parameter_source(name)
+    # by name: recent typer vendors its own click, whose ParameterSource is not click's
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 @app.command("export")
@@ -189,16 +206,66 @@ def deploy(
 
 @app.command("demo-info")
 def demo_info(
-    key_file: Annotated[Path, typer.Option(help="API key file (created with one admin key if absent).")],
+    key_file: Annotated[Path, typer.Option(help="API key file (created if absent) to store the demo key in.")],
     image: Annotated[Path, typer.Option(help="An image the example commands upload.")],
     base_url: str = "http://127.0.0.1:8000",
     collection: str = "emoji",
 ) -> None:
-    """Create the demo's API key file if needed and print example calls that work as printed."""
-    from xclip_serve.demo import ensure_key_file, example_commands
+    """Store a fresh admin key for the demo (hashed) and print it once, with example calls that work as printed."""
+    from xclip_serve.demo import create_demo_key, example_commands
 
-    key = ensure_key_file(key_file)
+    try:
+        key = create_demo_key(key_file)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--key-file") from err
+    typer.echo(f"# admin API key, shown only now ({key_file} stores its hash; the next demo-info replaces it):\n"
+               f"# {key}")
     typer.echo(example_commands(base_url, key, image.resolve(), collection))
+
+
+@keys_app.command("create")
+def keys_create(
+    file: Annotated[Path, typer.Option(help="Key file to add the key to (created, mode 600, when absent).")],
+    scope: Annotated[str, typer.Option(help="read | write | admin (each implies the ones before it).")],
+    name: Annotated[str | None, typer.Option(help="What the key is for, kept in the file.")] = None,
+) -> None:
+    """Add a random key to a key file, stored as a salted hash, and print the key: this once only."""
+    from service.auth import SCOPES, new_key, read_key_file, write_key_file
+
+    if scope not in SCOPES:
+        raise typer.BadParameter(f"scope must be one of {', '.join(SCOPES)}", param_hint="--scope")
+    try:
+        records, plain = read_key_file(file)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--file") from err
+    if plain:
+        raise typer.BadParameter(f"{file} stores plain-text keys: convert it first with "
+                                 f"`xclip-serve keys hash-file {file}`", param_hint="--file")
+    key, record = new_key([scope], name, taken={r.get("id") for r in records})
+    write_key_file(file, [*records, record])
+    typer.echo(f"key {record['id']} ({scope}) added to {file}; it is shown only now:", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("hash-file")
+def keys_hash_file(
+    file: Annotated[Path, typer.Argument(help="A key file of plain {\"key\": [\"read\", ...]}.")],
+) -> None:
+    """Replace a plain-text key file's keys by salted hashes, in place; the keys keep working."""
+    from service.auth import read_key_file, write_key_file
+
+    if not file.is_file():
+        raise typer.BadParameter(f"{file} does not exist", param_hint="FILE")
+    try:
+        records, plain = read_key_file(file)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="FILE") from err
+    if not plain:
+        typer.echo(f"{file} holds no plain-text key: nothing to do")
+        return
+    write_key_file(file, records)
+    typer.echo(f"{file}: replaced {plain} plain-text key(s) by salted hashes (mode 600); the keys keep working, "
+               "but the file can no longer show them")
 
 
 @index_app.command("build")

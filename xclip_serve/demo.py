@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 import sys
 from pathlib import Path
 
+from service.auth import new_key, read_key_file, write_key_file
 
-def ensure_key_file(path: Path, scopes: tuple[str, ...] = ("admin",)) -> str:
-    """The key of a one-key file (created with a fresh random key, mode 600, if absent)."""
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = "xcs-" + secrets.token_urlsafe(24)
-        path.write_text(json.dumps({key: list(scopes)}, indent=1))
-        os.chmod(path, 0o600)
-    return next(iter(json.loads(path.read_text())))
+DEMO_KEY_NAME = "demo"
+
+
+def create_demo_key(path: Path, scopes: tuple[str, ...] = ("admin",)) -> str:
+    """A fresh key for the demo, stored hashed in `path` in place of the previous demo key (a stored key cannot be
+    shown again, so each run makes a new one); the file's other keys stay, plain ones hashed."""
+    records, _ = read_key_file(path)
+    kept = [record for record in records if record.get("name") != DEMO_KEY_NAME]
+    key, record = new_key(list(scopes), DEMO_KEY_NAME, taken={r.get("id") for r in kept})
+    write_key_file(path, [*kept, record])
+    return key
 
 
 def example_commands(base_url: str, key: str, image: Path, collection: str = "emoji") -> str:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from service.auth import KeyChecker
+from service.auth import KeyChecker, parse_keys
 from service.errors import (
     AuthenticationError,
     BadRequestError,
@@ -49,6 +49,12 @@ def test_settings_refuse_to_start_without_keys_unless_auth_is_explicitly_off(mon
 def test_bad_key_configuration_fails_fast(keys, message):
     with pytest.raises(ValidationError, match=message):
         Settings(api_keys=keys)
+
+
+def test_a_bad_key_is_named_by_its_position_never_by_the_key():
+    with pytest.raises(ValueError, match="XCLIP_API_KEYS: key 2: scopes must be") as info:
+        parse_keys('{"good-key": ["read"], "s3cret-key": ["superuser"]}', "XCLIP_API_KEYS")
+    assert "s3cr" not in str(info.value)
 
 
 def test_settings_read_the_environment(monkeypatch):
