@@ -21,6 +21,8 @@ EXAMPLE_IMAGE ?= $(DATA)/images/1f63a.png
 $(BIN)/xclip-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[train,serve,dev]'
+	# clip-retrieval's own ClipClient for the compat tests; its dependencies (torch, faiss, Flask...) are not needed
+	$(BIN)/pip install --quiet --no-deps clip-retrieval==2.45.0
 	touch $@
 
 install: $(BIN)/xclip-serve
@@ -69,8 +71,10 @@ bench-objectives: install
 clean:
 	rm -rf runs bundles $(STATE)
 
-## service vs raw ONNX Runtime, serial vs 32 callers → docs/BENCHMARKS.md (needs the demo bundle; ~2 minutes)
+## service vs raw ONNX Runtime under wrk, 1 vs 32 connections → docs/BENCHMARKS.md (needs the demo bundle; ~2 minutes)
 bench-service: install
+	@command -v wrk >/dev/null || { sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update && $$sudo apt-get install -y wrk; }
 	$(BIN)/python bench/service.py --bundle $(BUNDLE) --data $(DATA)
 
 ## FAISS Flat vs HNSW vs IVF at 100k and 1M vectors → docs/BENCHMARKS.md (~10 minutes)

@@ -101,12 +101,12 @@ def test_upsert_replaces_an_item(server, filled):
 
 @pytest.mark.parametrize("body, status, param", [
     ({"items": []}, 422, "items"),
-    ({"items": [{"id": "x"}]}, 422, "items.0"),
-    ({"items": [{"id": "x", "text": "a", "image": "b"}]}, 422, "items.0"),
+    ({"items": [{"id": "x"}]}, 422, "items[0]"),
+    ({"items": [{"id": "x", "text": "a", "image": "b"}]}, 422, "items[0]"),
     ({"items": [{"id": "x", "image": "!!!"}]}, 422, "items[0].image"),
     ({"items": [{"id": "x", "image": base64.b64encode(b"not an image").decode()}]}, 422, "items[0].image"),
     ({"items": [{"id": "x", "vector": [1.0, 2.0]}]}, 422, "items[0].vector"),
-    ({"items": [{"id": "x", "text": "a", "metadata": [1]}]}, 422, "items.0.metadata"),
+    ({"items": [{"id": "x", "text": "a", "metadata": [1]}]}, 422, "items[0].metadata"),
     ({"items": [{"id": "d", "text": "a"}, {"id": "d", "text": "b"}]}, 422, "items"),
 ])
 def test_bad_upserts_are_refused_and_store_nothing(server, filled, body, status, param):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -41,11 +42,26 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
-    """The prompt templates as a tuple; ValueError unless there is at least one and each has exactly one "{}"."""
+    """The prompt templates as a tuple; ValueError unless there is at least one and each has exactly one "{}"
+    and no other replacement field or stray brace (literal braces are written "{{" and "}}")."""
     templates = tuple(templates)
-    if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ValueError(f"templates must be a non-empty list with exactly one '{{}}' each, got {list(templates)}")
+    bad = next((t for t in templates if not _one_placeholder(t)), None) if templates else "(none)"
+    if bad is not None:
+        raise ValueError(f"every template must contain exactly one '{{}}' and no other braces (write '{{{{' or "
+                         f"'}}}}' for a literal one); {bad!r} does not")
     return templates
+
+
+def _one_placeholder(template: object) -> bool:
+    """`template` is a str whose only replacement field is a bare "{}" (what `str.format(label)` fills)."""
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:  # a single '{' or '}'
+        return False
+    return fields == [("", "", None)]
 
 
 def group_weights(groups: Sequence[str]) -> np.ndarray:

@@ -19,6 +19,11 @@ MAX_IMAGE_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 RESIZE_MODES = ("squash", "shortest_center_crop", "longest_pad")
+# An image whose shorter side is at least this many times the input size is first box-reduced by an integer
+# factor (Pillow's `reduce`) and then resized: Pillow's own `reducing_gap` guidance, 3 being indistinguishable
+# from resizing the full image in practice. Reduction is idempotent, so a caller may reduce early to free memory
+# (the service does, right after decoding) and `resize` gives the same input either way.
+REDUCING_GAP = 3
 
 
 class ImageDecodeError(ValueError):
@@ -78,6 +83,23 @@ def load_image(source: bytes | str | Path | Image.Image,
     return to_rgb(image, background)
 
 
+def reduce_for(image: Image.Image, image_size: int) -> Image.Image:
+    """The image box-reduced by the largest integer factor that keeps its shorter side ≥ REDUCING_GAP × the input
+    size (unchanged when that factor is 1); idempotent."""
+    factor = min(image.size) // (REDUCING_GAP * image_size)
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def decode_for_model(image: Image.Image, image_size: int,
+                     background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Decode an opened (lazy) image no larger than the model needs: JPEG at a reduced DCT scale (`draft`) that
+    keeps both sides ≥ REDUCING_GAP × the input size, then `reduce_for`; the peak is the decoded size, held once."""
+    target = REDUCING_GAP * image_size
+    if image.format == "JPEG" and min(image.size) >= 2 * target:
+        image.draft("RGB", (target, target))
+    return reduce_for(load_image(image, background), image_size)
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """RGB view of any Pillow image; transparent pixels become `background`."""
     if image.mode == "P" and "transparency" in image.info:
@@ -94,7 +116,7 @@ def resize(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Resize an RGB image to the square encoder input; (H, W, 3) uint8."""
     size = config.image_size
     method = Image.Resampling[config.interpolation.upper()]
-    image = to_rgb(image, config.background)
+    image = reduce_for(to_rgb(image, config.background), size)
     if config.resize_mode == "squash":
         out = image.resize((size, size), method)
     elif config.resize_mode == "shortest_center_crop":

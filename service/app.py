@@ -12,16 +12,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from index.store import CollectionStore
 from service import __version__
 from service.auth import KeyChecker
+from service.body import check_surrogates, validation_error
 from service.deps import READ, AppState
 from service.engine import Engine
 from service.errors import (
     ERROR_TABLE,
     BadRequestError,
-    InvalidInputError,
     PayloadTooLargeError,
     ServiceError,
     openai_body,
@@ -36,6 +37,8 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 WEAVIATE_PATHS = ("/vectorize", "/meta", "/.well-known/")
+COMPAT_PATHS = {"clip-retrieval": ("/knn-service", "/metadata", "/indices-list"), "weaviate": WEAVIATE_PATHS}
+COMPAT_JSON_PATHS = ("/knn-service", "/metadata", "/vectorize")  # bodies parsed as JSON whatever the type
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,9 +57,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _add_routers(app: FastAPI, settings: Settings) -> None:
     for router in (embeddings.router, classify.router, collections.router, models.router, ops.router):
         app.include_router(router)
-    open_compat = settings.auth_disabled and ["clip-retrieval", "weaviate"] or settings.open_compat
+    open_compat = _open_compat(settings)
     for name, router in (("clip-retrieval", compat.clip_retrieval), ("weaviate", compat.weaviate)):
         app.include_router(router, dependencies=[] if name in open_compat else [READ])
+
+
+def _open_compat(settings: Settings) -> list[str]:
+    """The compat route groups reachable without a key."""
+    return ["clip-retrieval", "weaviate"] if settings.auth_disabled else list(settings.open_compat)
 
 
 @contextlib.asynccontextmanager
@@ -67,11 +75,12 @@ async def _lifespan(app: FastAPI):
     state = _build_state(settings)
     app.state.xclip = state
     _warn_about_open_routes(settings)
+    state.engine.collections.resume_reembeds()
     try:
         yield
     finally:
         await state.engine.close()
-        state.engine.store.close()
+        state.engine.collections.store.close()
 
 
 def _build_state(settings: Settings) -> AppState:
@@ -108,7 +117,8 @@ def _warn_about_open_routes(settings: Settings) -> None:
 
 # -- middleware -------------------------------------------------------------------------------------------------------
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    open_paths = tuple(p for name in _open_compat(settings) for p in COMPAT_PATHS[name])
+    app.add_middleware(RequestGate, max_bytes=settings.max_body_bytes, open_paths=open_paths)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                        allow_headers=["*"])
     app.add_middleware(ObserveMiddleware)
@@ -151,39 +161,123 @@ class ObserveMiddleware:
                     extra={"route": route, "status": status})
 
 
-class BodyLimitMiddleware:
-    """413 for bodies over `max_bytes`, by Content-Length or by counting a streamed body."""
+class RequestGate:
+    """What every request passes before a route sees it, in this order:
+    1. the body limit by Content-Length (413);
+    2. for a request with a body, a valid API key (401) before a byte of the body is read, so that an anonymous
+       caller cannot make the server read and parse 32 MiB (scopes are checked by the routes);
+    3. the body read whole, counted against the limit (413, chunked bodies too);
+    4. a JSON body checked for lone UTF-16 surrogates (422 naming the field);
+    5. the compat routes' bodies marked as JSON whatever their content type (their clients send none, or
+       text/plain)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, open_paths: tuple[str, ...]):
+        self.app, self.max_bytes, self.open_paths = app, max_bytes, open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_error(scope, send, self._too_large())
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _BodyTooLarge()
-            return message
-
         try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _send_error(scope, send, self._too_large())
+            self._admit(scope)
+            body = await self._read_body(receive)
+            if _is_json(scope):
+                check_surrogates(body)
+        except ServiceError as err:
+            _match_route(scope)  # so that the refusal is counted under its route
+            return await _send_error(scope, send, err)
+        await self.app(scope, _replay(body, receive), send)
+
+    def _admit(self, scope) -> None:
+        """The length and key checks; compat routes' bodies are marked as JSON (in place: the outer middleware
+        reads the matched route from this same scope)."""
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            raise self._too_large()
+        path = scope["path"]
+        if not under(path, self.open_paths):
+            scope["app"].state.xclip.keys.scopes_of(headers.get(b"authorization", b"").decode("latin-1") or None)
+        if path.startswith(COMPAT_JSON_PATHS):
+            rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope["headers"] = [*rest, (b"content-type", b"application/json")]
+
+    async def _read_body(self, receive) -> bytes:
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
 
     def _too_large(self) -> ServiceError:
         return PayloadTooLargeError(f"request body exceeds {self.max_bytes} bytes (XCLIP_MAX_BODY_BYTES)", "body")
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _match_route(scope) -> None:
+    """Record the route a refused request was for (the router never saw it), for its metrics label."""
+    route = _find_route(scope["app"].router.routes, scope)
+    if route is not None:
+        scope["route"] = route
+
+
+def _find_route(routes, scope):
+    """The route matching `scope`, looking inside included routers (the app includes them without a prefix)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        found = _find_route(inner.routes, scope) if inner is not None else None
+        if found is None and inner is None and route.matches(scope)[0] == Match.FULL:
+            found = route
+        if found is not None:
+            return found
+    return None
+
+
+def under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `path` is one of `prefixes` or below one: `/meta` is not a prefix of clip-retrieval's
+    `/metadata`."""
+    return any(path == p or path.startswith(p if p.endswith("/") else f"{p}/") for p in prefixes)
+
+
+def _allowed_methods(routes, scope) -> str:
+    """A 405's `Allow`: the methods of the most specific path template the request's path matches (Starlette
+    names those of the first route that matches only, GET for both `/v1/models/{model_id}` and
+    `/v1/models/rollback`)."""
+    matching = [r for r in _leaf_routes(routes) if r.matches(scope)[0] != Match.NONE]
+    fewest = min((r.path.count("{") for r in matching), default=0)
+    return ", ".join(sorted({m for r in matching if r.path.count("{") == fewest for m in r.methods or ()}))
+
+
+def _leaf_routes(routes):
+    """The routes of `routes`, those of included routers in their place."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from _leaf_routes(inner.routes) if inner is not None else (route,)
+
+
+def _is_json(scope) -> bool:
+    content_type = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+    return content_type in (b"", b"application/json", b"text/plain") or content_type.endswith(b"+json")
+
+
+def _replay(body: bytes, receive):
+    """A receive callable that hands the app the body already read, then passes through (disconnects)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _send_error(scope, send, error: ServiceError) -> None:
@@ -195,7 +289,7 @@ async def _send_error(scope, send, error: ServiceError) -> None:
 def error_response(path: str, error: ServiceError) -> JSONResponse:
     """The error in the caller's contract: Weaviate's `{"error": msg}` on its routes, OpenAI's shape elsewhere."""
     status, _ = status_of(error)
-    body = {"error": error.message} if path.startswith(WEAVIATE_PATHS) else openai_body(error)
+    body = {"error": error.message} if under(path, WEAVIATE_PATHS) else openai_body(error)
     return JSONResponse(body, status_code=status, headers=error.headers)
 
 
@@ -211,20 +305,19 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         error = _from_http(err)
+        if err.status_code == 405:
+            error.headers = {**error.headers, "Allow": _allowed_methods(request.app.router.routes, request.scope)}
         return error_response(request.url.path, error)
 
 
 def _from_validation(err: RequestValidationError) -> ServiceError:
-    """A 422 naming the first invalid field (`input`, `items.0.id`, ...)."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    param = ".".join(loc) or "body"
-    return InvalidInputError(f"{param}: {first.get('msg', 'invalid')}", param)
+    """A 422 naming the first invalid field (`input`, `items[0].id`, ...); malformed JSON is a 400."""
+    return validation_error(err.errors())
 
 
 def _from_http(err: StarletteHTTPException) -> ServiceError:
     """Starlette's own errors (unknown route, wrong method) in the one error shape."""
     for cls, (status, _) in ERROR_TABLE.items():
         if status == err.status_code:
-            return cls(str(err.detail))
-    return BadRequestError(str(err.detail))
+            return cls(str(err.detail), headers=err.headers)  # e.g. a 405's Allow (RFC 9110)
+    return BadRequestError(str(err.detail), headers=err.headers)

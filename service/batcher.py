@@ -4,7 +4,9 @@ Callers `await batcher.submit(items)`; a collector task takes up to `max_batch_s
 and, while the service is under load, whatever arrives within `max_wait_ms`: a lone request is not held back
 waiting for company that will not come), runs the batch in a worker thread (off the event loop) and
 resolves each caller's future with its rows. The queue is bounded (OverloadedError → 429 with Retry-After), and a
-request whose deadline passed while queued is dropped instead of computed.
+request whose deadline passed while queued is dropped instead of computed. Inputs are validated before they
+are submitted; should a batch still fail, its requests are run one by one, so one caller's bad input never fails
+another caller's request.
 """
 
 from __future__ import annotations
@@ -144,11 +146,16 @@ class DynamicBatcher:
         start = time.perf_counter()
         try:
             outputs = await asyncio.to_thread(self.fn, items)
-        except Exception as err:  # the batch failed: every caller in it gets the error
-            logger.exception("%s: batch of %d failed", self.name, len(items))
+        except Exception as err:
+            if len(batch) == 1:
+                logger.exception("%s: batch of %d failed", self.name, len(items))
+                _settle(batch[0], error=err)
+                return
+            # one request's items broke the batch: run each request alone, so only the offender fails
+            logger.warning("%s: batch of %d requests failed (%s); running them one by one", self.name,
+                           len(batch), err)
             for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(err)
+                await self._run([request])
             return
         self.on_batch(BatchStats(self.name, len(items), time.perf_counter() - start))
         offset = 0
@@ -157,3 +164,13 @@ class DynamicBatcher:
             if not request.future.done():
                 request.future.set_result({k: v[offset : offset + n] for k, v in outputs.items()})
             offset += n
+
+
+def _settle(request: _Request, result: dict | None = None, error: Exception | None = None) -> None:
+    """Resolve a caller's future unless it gave up already."""
+    if request.future.done():
+        return
+    if error is not None:
+        request.future.set_exception(error)
+    else:
+        request.future.set_result(result)

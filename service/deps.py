@@ -13,7 +13,6 @@ from service.auth import KeyChecker
 from service.engine import Engine
 from service.inputs import InputDecoder
 from service.metrics import ServiceMetrics
-from service.registry import LoadedModel
 from service.settings import Settings
 
 
@@ -57,8 +56,3 @@ def require(scope: str):
 
 
 READ, WRITE, ADMIN = require("read"), require("write"), require("admin")
-
-
-def model_for(engine: Engine, name: str | None) -> LoadedModel:
-    """The requested model (id, alias or name), the active one when `name` is None."""
-    return engine.registry.get(name)

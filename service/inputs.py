@@ -1,38 +1,106 @@
 """Turning request payloads into decoded images and checked texts, with the service's limits.
 
 Images arrive as multipart bytes, base64 (plain or `data:image/...;base64,` URIs) or, when enabled, http(s) URLs
-of allow-listed public hosts. Every failure is an InvalidInputError / PayloadTooLargeError naming the field.
+of allow-listed public hosts; they are decoded in worker threads under pixel budgets. Every failure is an
+InvalidInputError / PayloadTooLargeError / OverloadedError naming the field.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
+import ctypes
 import io
 import ipaddress
 import re
 import socket
 import urllib.parse
+from collections.abc import Sequence
 
 import httpx
 from PIL import Image
 
-from core.preprocess import ImageDecodeError, load_image
-from service.errors import BadRequestError, InvalidInputError, PayloadTooLargeError
+from core.preprocess import ImageDecodeError, decode_for_model
+from service.errors import BadRequestError, InvalidInputError, OverloadedError, PayloadTooLargeError
 from service.settings import Settings
 
 DATA_URI = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+TRIM_AFTER_PIXELS = 20_000_000  # a decode spike this large is worth handing memory back for
 
 
 class InputDecoder:
-    """Decodes and checks inputs against the limits in `settings`."""
+    """Decodes and checks inputs against the limits in `settings`.
+
+    Image decoding runs in worker threads, never on the event loop, under two budgets of decoded pixels read
+    from each image's header before any pixel is decoded: per request (`max_request_pixels`, 413 beyond) and
+    across the requests decoding at once (`max_inflight_pixels`, 429 beyond). Images are decoded no larger than
+    the model needs (`core.preprocess.decode_for_model`), so what waits for a batch is small."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self._inflight_pixels = 0  # touched on the event loop only
+        self._peak_since_trim = 0
 
-    def image_from_bytes(self, data: bytes, param: str) -> Image.Image:
-        """An RGB image from encoded bytes; refuses oversize payloads and decompression bombs (from the header,
-        before any pixel is decoded)."""
+    async def images(self, sources: Sequence[str | bytes], param: str, image_size: int) -> list[Image.Image]:
+        """Decoded RGB images from base64 / data URIs / URLs (str) or encoded bytes; errors name `param[i]`."""
+        return [image for _, image in await self.images_with_bytes(sources, param, image_size)]
+
+    async def image(self, source: str | bytes, param: str, image_size: int) -> Image.Image:
+        """One decoded image; errors name `param`."""
+        return (await self.images_with_bytes([source], param, image_size, names=[param]))[0][1]
+
+    async def images_with_bytes(self, sources: Sequence[str | bytes], param: str, image_size: int,
+                                names: list[str] | None = None) -> list[tuple[bytes, Image.Image]]:
+        """(encoded bytes, decoded image) per source, for callers that keep the bytes (collection items);
+        `names` are the fields errors name (default `param[i]`)."""
+        names = names or [f"{param}[{i}]" for i in range(len(sources))]
+        opened = await asyncio.to_thread(self._open_all, list(sources), names)
+        pixels = sum(image.size[0] * image.size[1] for _, image in opened)
+        self._check_request_pixels(pixels, param)
+        with self._reserve(pixels, param):
+            return await asyncio.to_thread(self._decode_all, opened, names, image_size)
+
+    def _open_all(self, sources: list, names: list[str]) -> list[tuple[bytes, Image.Image]]:
+        """Bytes and header-opened images (no pixel decoded yet)."""
+        opened = []
+        for source, name in zip(sources, names, strict=True):
+            data = source if isinstance(source, bytes) else self.image_bytes_from_string(source, name)
+            opened.append((data, self.open_image(data, name)))
+        return opened
+
+    def _decode_all(self, opened: list, names: list[str], image_size: int) -> list[tuple[bytes, Image.Image]]:
+        return [(data, self.decode(image, name, image_size))
+                for (data, image), name in zip(opened, names, strict=True)]
+
+    def _check_request_pixels(self, pixels: int, param: str) -> None:
+        limit = self.settings.max_request_pixels
+        if pixels > limit:
+            raise PayloadTooLargeError(f"{param}: the images of this request hold {pixels} decoded pixels, the "
+                                       f"limit per request is {limit} (XCLIP_MAX_REQUEST_PIXELS)", param)
+
+    @contextlib.contextmanager
+    def _reserve(self, pixels: int, param: str):
+        """Hold `pixels` of the in-flight decode budget; 429 when the server is decoding too much already."""
+        limit = self.settings.max_inflight_pixels
+        if self._inflight_pixels and self._inflight_pixels + pixels > limit:
+            raise OverloadedError(f"{param}: the server is decoding {self._inflight_pixels} pixels of other "
+                                  f"requests (limit {limit}); retry shortly", param, headers={"Retry-After": "1"})
+        self._inflight_pixels += pixels
+        self._peak_since_trim = max(self._peak_since_trim, self._inflight_pixels)
+        try:
+            yield
+        finally:
+            self._inflight_pixels -= pixels
+            if not self._inflight_pixels and self._peak_since_trim >= TRIM_AFTER_PIXELS:
+                self._peak_since_trim = 0
+                release_free_memory()
+
+    def open_image(self, data: bytes, param: str) -> Image.Image:
+        """The image opened from its header; refuses oversize payloads and decompression bombs (413) and what
+        is not an image (422) before any pixel is decoded."""
         if not data:
             raise InvalidInputError(f"{param}: empty image", param)
         if len(data) > self.settings.max_image_bytes:
@@ -40,19 +108,30 @@ class InputDecoder:
                 f"{param}: image is {len(data)} bytes, the limit is {self.settings.max_image_bytes}", param)
         try:
             image = Image.open(io.BytesIO(data))  # reads the header only
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise InvalidInputError(f"{param}: cannot decode image: {err}", param) from err
+        except Image.DecompressionBombError as err:
+            raise PayloadTooLargeError(f"{param}: image has too many pixels ({_pillow_message(err)}); the "
+                                       f"limit is {self.settings.max_image_pixels}", param) from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise InvalidInputError(f"{param}: cannot decode image: {_pillow_message(err)}", param) from err
         width, height = image.size
         if width * height > self.settings.max_image_pixels:
             raise PayloadTooLargeError(
                 f"{param}: image is {width}x{height} pixels, the limit is {self.settings.max_image_pixels}", param)
+        return image
+
+    def decode(self, image: Image.Image, param: str, image_size: int) -> Image.Image:
+        """RGB pixels of an opened image, reduced for a model input of `image_size` (blocking: call off-loop)."""
         try:
-            return load_image(image)
+            return decode_for_model(image, image_size)
         except ImageDecodeError as err:
-            raise InvalidInputError(f"{param}: {err}", param) from err
+            raise InvalidInputError(f"{param}: {_pillow_message(err)}", param) from err
+
+    def image_from_bytes(self, data: bytes, param: str, image_size: int = 224) -> Image.Image:
+        """Open and decode in one blocking call (tests and offline callers)."""
+        return self.decode(self.open_image(data, param), param, image_size)
 
     def image_bytes_from_string(self, value: str, param: str) -> bytes:
-        """Bytes of an image given as base64, a data URI, or (when enabled) an http(s) URL."""
+        """Bytes of an image given as base64, a data URI, or (when enabled) an http(s) URL (blocking)."""
         if not isinstance(value, str) or not value.strip():
             raise InvalidInputError(f"{param}: expected a base64 image or data URI, got an empty value", param)
         value = value.strip()
@@ -66,12 +145,12 @@ class InputDecoder:
         except (binascii.Error, ValueError) as err:
             raise InvalidInputError(f"{param}: invalid base64: {err}", param) from err
 
-    def image_from_string(self, value: str, param: str) -> Image.Image:
-        """A decoded image from base64 / data URI / URL."""
-        return self.image_from_bytes(self.image_bytes_from_string(value, param), param)
+    def image_from_string(self, value: str, param: str, image_size: int = 224) -> Image.Image:
+        """A decoded image from base64 / data URI / URL (blocking)."""
+        return self.image_from_bytes(self.image_bytes_from_string(value, param), param, image_size)
 
     def check_text(self, text: object, param: str) -> str:
-        """A non-empty string within the character limit."""
+        """A non-empty string of valid Unicode (no lone surrogate) within the character limit."""
         if not isinstance(text, str):
             raise InvalidInputError(f"{param}: expected a string, got {type(text).__name__}", param)
         if not text.strip():
@@ -79,7 +158,14 @@ class InputDecoder:
         if len(text) > self.settings.max_text_chars:
             raise PayloadTooLargeError(
                 f"{param}: text has {len(text)} characters, the limit is {self.settings.max_text_chars}", param)
+        if not text.isascii() and has_lone_surrogate(text):
+            raise InvalidInputError(f"{param}: text contains a lone UTF-16 surrogate, which is not valid "
+                                    "Unicode", param)
         return text
+
+    def check_texts(self, texts: list, param: str) -> list[str]:
+        """`check_count` and `check_text` of each."""
+        return [self.check_text(t, f"{param}[{i}]") for i, t in enumerate(self.check_count(texts, param))]
 
     def check_count(self, values: list, param: str, limit: int | None = None) -> list:
         """A non-empty list within the per-request item limit."""
@@ -91,7 +177,8 @@ class InputDecoder:
         return values
 
     def fetch_url(self, url: str, param: str) -> bytes:
-        """GET an image from an allow-listed public host, with size and time limits."""
+        """GET an image from an allow-listed public host, with size and time limits (blocking: the async
+        routes call it in a worker thread through `images`)."""
         if not self.settings.url_fetch:
             raise BadRequestError(f"{param}: image URLs are disabled on this server (XCLIP_URL_FETCH)", param)
         host, address = check_public_url(url, self.settings.url_allow_hosts, param)
@@ -105,6 +192,29 @@ class InputDecoder:
                 return _read_limited(response, limit, param)
         except httpx.HTTPError as err:
             raise InvalidInputError(f"{param}: cannot fetch {host}: {err}", param) from err
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """True when `text` holds a UTF-16 surrogate code point (legal in JSON escapes, not encodable as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _pillow_message(err: Exception) -> str:
+    """Pillow's message without the object reprs it embeds (`<_io.BytesIO object at 0x...>`)."""
+    message = OBJECT_REPR.sub("the data", str(err))
+    return message.replace("cannot identify image file the data", "not a recognised image format")
+
+
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS after a decode spike (glibc keeps it otherwise); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _read_limited(response: httpx.Response, limit: int, param: str) -> bytes:

@@ -12,14 +12,53 @@ EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwH
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A `/v1` request body: unknown fields and values of the wrong JSON type (`0` for a boolean, `"5"` or `5.0`
+    for an integer) are refused as the document says, not coerced. Multipart forms, whose values are all
+    strings, are validated with `strict=False`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorBody(BaseModel):
+    """Every error, in OpenAI's shape (Weaviate's routes answer `{"error": message}`)."""
+
+    error: ErrorDetail
+
+
+_ERROR_MEANINGS = {
+    400: "Bad request: malformed JSON, or a request the model cannot serve",
+    401: "Missing or invalid API key",
+    403: "The API key lacks the scope this route needs",
+    404: "Unknown model, collection, item, label set or cluster",
+    409: "Conflict with the current state (e.g. a collection in another model's space)",
+    413: "Too large: body, image bytes or pixels, item count, or text over the model's context",
+    422: "Invalid input; `param` names the field",
+    429: "Overloaded (queue or decode budget full); retry after Retry-After",
+    503: "No model is active yet",
+    504: "Inference timed out",
+}
+# the statuses any route may answer, documented once for the OpenAPI document
+ERRORS: dict[int | str, dict] = {code: {"model": ErrorBody, "description": text}
+                                 for code, text in _ERROR_MEANINGS.items()}
+
+
+def one_of(*fields: str) -> dict:
+    """JSON-schema extra: exactly one of `fields` is given (not null)."""
+    return {"oneOf": [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in fields]}
 
 
 # -- OpenAI embeddings --------------------------------------------------------------------------------------------
 class EmbeddingsRequest(Strict):
     """OpenAI's embeddings request plus the `modality` extension for images."""
 
-    input: str | list[str] = Field(examples=[["a cat face", "a red heart"]])
+    input: str | list[str] = Field(examples=[["a cat face", "a red heart"]], min_length=1)
     model: str = Field("active", examples=["active"])
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -64,7 +103,7 @@ class EmbedResponse(BaseModel):
 
 
 class EmbedTextRequest(Strict):
-    texts: list[str] = Field(examples=[["a cat face", "a red heart"]])
+    texts: list[str] = Field(examples=[["a cat face", "a red heart"]], min_length=1)
     model: str | None = None
     clusters: bool = Field(False, description="Also return the top nCLIP clusters of each text.")
     cluster_top_k: int = Field(5, ge=1, le=100)
@@ -72,17 +111,24 @@ class EmbedTextRequest(Strict):
 
 
 # -- classify -----------------------------------------------------------------------------------------------------
-class ClassifyRequest(Strict):
-    """Zero-shot tagging of base64 images against inline labels or a named label set."""
+class ClassifyOptions(Strict):
+    """What to tag against and how (the multipart form's fields)."""
 
-    images: list[str] = Field(examples=[[EXAMPLE_PNG]], description="base64 or data: URIs")
-    labels: list[str] | None = Field(None, examples=[["animal", "food", "flag"]])
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of("labels", "label_set"))
+    labels: list[str] | None = Field(None, examples=[["animal", "food", "flag"]], min_length=1)
     label_set: str | None = Field(None, examples=[None])
-    templates: list[str] | None = Field(None, description="Prompt templates with one '{}' each, ensembled.")
+    templates: list[str] | None = Field(None, min_length=1,
+                                       description="Prompt templates with one '{}' each, ensembled.")
     top_k: int | None = Field(5, ge=1)
     multi_label: bool = Field(False, description="Return every label whose probability ≥ threshold.")
     threshold: float = Field(0.1, ge=0, le=1)
     model: str | None = None
+
+
+class ClassifyRequest(ClassifyOptions):
+    """Zero-shot tagging of base64 images against inline labels or a named label set."""
+
+    images: list[str] = Field(examples=[[EXAMPLE_PNG]], description="base64 or data: URIs", min_length=1)
 
 
 class LabelScore(BaseModel):
@@ -102,14 +148,15 @@ class ClassifyResponse(BaseModel):
 
 
 class LabelSetRequest(Strict):
-    labels: list[str] = Field(examples=[["cat", "dog", "pizza"]])
-    templates: list[str] | None = None
+    labels: list[str] = Field(examples=[["cat", "dog", "pizza"]], min_length=1)
+    templates: list[str] | None = Field(None, min_length=1, examples=[["a photo of a {}."]])
 
 
 # -- clusters -----------------------------------------------------------------------------------------------------
 class ClustersRequest(Strict):
-    texts: list[str] | None = Field(None, examples=[["a cat face"]])
-    images: list[str] | None = Field(None, description="base64 or data: URIs")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of("texts", "images"))
+    texts: list[str] | None = Field(None, examples=[["a cat face"]], min_length=1)
+    images: list[str] | None = Field(None, description="base64 or data: URIs", min_length=1)
     top_k: int = Field(5, ge=1, le=100)
     model: str | None = None
 
@@ -141,7 +188,9 @@ class CreateCollectionRequest(Strict):
 
 
 class ItemIn(Strict):
-    id: str = Field(min_length=1, max_length=256, examples=["cat-1"])
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of("text", "image", "vector"))
+    id: str = Field(min_length=1, max_length=256, examples=["cat-1"],
+                    description="Printable, no control characters, no '.' or '..' path segment (docs/SERVICE.md)")
     text: str | None = None
     image: str | None = Field(None, description="base64 or data: URI")
     vector: list[float] | None = None
@@ -155,16 +204,17 @@ class ItemIn(Strict):
 
 
 class UpsertRequest(Strict):
-    items: list[ItemIn]
+    items: list[ItemIn] = Field(min_length=1)
 
 
 class DeleteItemsRequest(Strict):
-    ids: list[str]
+    ids: list[str] = Field(min_length=1)
 
 
 class SearchRequest(Strict):
     """Exactly one query: text, image, the id of a stored item, or a raw vector."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of("text", "image", "id", "vector"))
     text: str | None = Field(None, examples=["a smiling face"])
     image: str | None = None
     id: str | None = None
@@ -173,6 +223,8 @@ class SearchRequest(Strict):
     filter: dict[str, Any] | None = Field(None, examples=[{"category": "animal"}],
                                           description='Metadata equality {"key": value} or {"key": {"in": [...]}}')
     model: str | None = Field(None, description="Must be the collection's model if given.")
+    truncate: bool = Field(False, description="Cut a text query longer than the model's context instead of "
+                                              "refusing it.")
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SCOPES = ("read", "write", "admin")
+from service.auth import StoredKey, parse_keys
+
+logger = logging.getLogger(__name__)
 
 
 class Settings(BaseSettings):
     """Every knob of the server; `XCLIP_<NAME>` in the environment (e.g. `XCLIP_PORT=8000`)."""
 
-    model_config = SettingsConfigDict(env_prefix="XCLIP_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="XCLIP_", extra="forbid", hide_input_in_errors=True)
 
     # where things are
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     bundle: Path | None = Field(None, description="Bundle registered and activated at start-up.")
     state_dir: Path = Field(Path("serve-state"), description="Model registry state and collections.")
-    # auth: keys as JSON {"key": ["read", "write"]} or a file of the same; auth off only when said explicitly
+    # auth: keys as JSON or a file of it, hashed {"keys": [...]} as `xclip-serve keys` writes it or plain
+    # {"key": ["read", "write"]} (a plain file logs a warning); auth off only when said explicitly
     api_keys: str | None = None
     api_keys_file: Path | None = None
     auth_disabled: bool = False
@@ -43,6 +46,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=64)
+    # decoded pixels (from the images' headers, before decoding): per request, and across requests decoding at
+    # once; a 6000x6000 PNG is 36 M pixels and ~150 MB decoded, whatever its size on the wire
+    max_request_pixels: int = Field(100_000_000, ge=64, description="Decoded pixels per request (413 beyond).")
+    max_inflight_pixels: int = Field(200_000_000, ge=64,
+                                     description="Decoded pixels being decoded at once (429 beyond).")
     max_items: int = Field(256, ge=1, description="Inputs per request (images, texts, items, labels).")
     max_text_chars: int = Field(4096, ge=1)
     max_labels: int = Field(1000, ge=1)
@@ -67,31 +75,20 @@ class Settings(BaseSettings):
         if not keys and not self.auth_disabled:
             raise ValueError("no API keys configured: set XCLIP_API_KEYS or XCLIP_API_KEYS_FILE, "
                              "or XCLIP_AUTH_DISABLED=true to run without auth (development only)")
+        if self.api_keys_file and not self.api_keys and any(isinstance(key, str) for key in keys):
+            logger.warning("API key file %s stores its keys in plain text: replace them by salted hashes with "
+                           "`xclip-serve keys hash-file %s` (the keys keep working)",
+                           self.api_keys_file, self.api_keys_file)
         return self
 
-    def key_scopes(self) -> dict[str, frozenset[str]]:
-        """{api key: scopes}; `admin` implies `write` implies `read`."""
-        raw = self.api_keys or (self.api_keys_file.read_text() if self.api_keys_file else "")
-        if not raw.strip():
-            return {}
-        try:
-            parsed = json.loads(raw)
-        except ValueError as err:
-            raise ValueError(f"API keys must be JSON {{\"key\": [\"read\", ...]}}: {err}") from err
-        if not isinstance(parsed, dict):
-            raise ValueError("API keys must be a JSON object of key → list of scopes")  # noqa: TRY004 (pydantic)
-        return {str(key): _expand_scopes(key, scopes) for key, scopes in parsed.items()}
+    def key_scopes(self) -> dict[str | StoredKey, frozenset[str]]:
+        """{api key, or the salted hash a key file stores of it: scopes}; `admin` implies `write` implies `read`."""
+        if self.api_keys:
+            return parse_keys(self.api_keys, "XCLIP_API_KEYS")
+        if self.api_keys_file:
+            return parse_keys(self.api_keys_file.read_text(), f"XCLIP_API_KEYS_FILE {self.api_keys_file}")
+        return {}
 
     @property
     def collections_dir(self) -> Path:
         return self.state_dir / "collections"
-
-
-def _expand_scopes(key: str, scopes: object) -> frozenset[str]:
-    """Validated scopes of one key, with the implied lower scopes added."""
-    if isinstance(scopes, str):
-        scopes = [scopes]
-    if not isinstance(scopes, list) or not scopes or any(s not in SCOPES for s in scopes):
-        raise ValueError(f"key {key[:4]}…: scopes must be a non-empty list from {SCOPES}, got {scopes!r}")
-    level = max(SCOPES.index(s) for s in scopes)
-    return frozenset(SCOPES[: level + 1])

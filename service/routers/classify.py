@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 
-from service.deps import READ, WRITE, DecoderDep, EngineDep, model_for
-from service.errors import InvalidInputError
+from service.body import read_json, validation_error
+from service.deps import READ, WRITE, DecoderDep, EngineDep
+from service.errors import InvalidInputError, PayloadTooLargeError
 from service.routers.embeddings import top_clusters
 from service.schemas import (
+    ERRORS,
     Classification,
+    ClassifyOptions,
     ClassifyRequest,
     ClassifyResponse,
     ClusterResult,
@@ -23,7 +25,7 @@ from service.schemas import (
     LabelSetRequest,
 )
 
-router = APIRouter(prefix="/v1", tags=["classify"])
+router = APIRouter(prefix="/v1", tags=["classify"], responses=ERRORS)
 
 MULTIPART_DOC = {
     "requestBody": {"content": {
@@ -39,19 +41,30 @@ MULTIPART_DOC = {
 @router.post("/classify", response_model=ClassifyResponse, dependencies=[READ], openapi_extra=MULTIPART_DOC)
 async def classify(request: Request, engine: EngineDep, decoder: DecoderDep) -> ClassifyResponse:
     """Zero-shot tags for images: each label's softmax probability and cosine, top_k or above a threshold."""
-    body, decode_images = await _read_classify(request, decoder)
-    model = model_for(engine, body.model)
-    labels, templates = engine.resolve_labels(model, body.labels, body.label_set, body.templates)
-    decoder.check_count(labels, "labels", engine.settings.max_labels)
-    labels = [decoder.check_text(x, f"labels[{i}]") for i, x in enumerate(labels)]
-    images = await decode_images()
-    probs, cosines = await engine.classify(model, images, labels, templates)
+    body, sources, param = await _read_classify(request, decoder)
+    model = engine.model(body.model)
+    labels, templates = engine.zero_shot.resolve_labels(model, body.labels, body.label_set, body.templates)
+    labels = decoder.check_texts(decoder.check_count(labels, "labels", engine.settings.max_labels), "labels")
+    _check_prompt_lengths(engine, model, labels, templates)
+    images = await decoder.images(sources, param, model.bundle.preprocess.image_size)
+    probs, cosines = await engine.zero_shot.classify(model, images, labels, templates)
     results = [Classification(index=i, labels=_pick(labels, probs[i], cosines[i], body))
                for i in range(len(images))]
     return ClassifyResponse(model=model.model_id, results=results)
 
 
-def _pick(labels: list[str], probs: np.ndarray, cosines: np.ndarray, body: ClassifyRequest) -> list[LabelScore]:
+def _check_prompt_lengths(engine, model, labels: list[str], templates: list[str]) -> None:
+    """Every label in every template within the model's context (413 naming the label otherwise)."""
+    counts = engine.check_token_lengths(model, engine.zero_shot.prompts(labels, templates), True, "labels")
+    context = model.bundle.tokenizer.context_length
+    too_long = next((i for i, n in enumerate(counts) if n > context), None)
+    if too_long is not None:
+        label = too_long // len(templates)
+        raise PayloadTooLargeError(f"labels[{label}] in its prompt template has {counts[too_long]} tokens, the "
+                                   f"model's context is {context}", f"labels[{label}]")
+
+
+def _pick(labels: list[str], probs: np.ndarray, cosines: np.ndarray, body: ClassifyOptions) -> list[LabelScore]:
     """Labels best first: the top_k, or in multi-label mode those with probability ≥ threshold."""
     order = np.argsort(-probs, kind="stable")
     if body.multi_label:
@@ -61,31 +74,21 @@ def _pick(labels: list[str], probs: np.ndarray, cosines: np.ndarray, body: Class
     return [LabelScore(label=labels[c], probability=float(probs[c]), cosine=float(cosines[c])) for c in order]
 
 
-async def _read_classify(request: Request, decoder) -> tuple[ClassifyRequest, Callable]:
-    """The request from a JSON body (base64 images) or a multipart form (`files` plus fields), and a function
-    that decodes its images (called after the cheaper checks)."""
+async def _read_classify(request: Request, decoder) -> tuple[ClassifyOptions, list, str]:
+    """The request from a JSON body (base64 images) or a multipart form (`files` plus fields), its image
+    sources (decoded after the cheaper checks) and their field name."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await request.form()
         files = form.getlist("files")
         fields = {k: _form_value(k, form.getlist(k)) for k in form if k != "files"}
-        body = _validate(ClassifyRequest, {**fields, "images": []})
+        body = _validate(ClassifyOptions, fields, strict=False)  # form values are strings: "5", "true"
         decoder.check_count(files, "files")
-
-        async def decode_files():
-            return [decoder.image_from_bytes(await f.read(), f"files[{i}]") if hasattr(f, "read")
-                    else _not_a_file(i) for i, f in enumerate(files)]
-        return body, decode_files
-    try:
-        payload = await request.json()
-    except ValueError as err:
-        raise InvalidInputError(f"body: invalid JSON: {err}", "body") from err
-    body = _validate(ClassifyRequest, payload)
+        sources = [await f.read() if hasattr(f, "read") else _not_a_file(i) for i, f in enumerate(files)]
+        return body, sources, "files"
+    body = _validate(ClassifyRequest, await read_json(request))
     decoder.check_count(body.images, "images")
-
-    async def decode_base64():
-        return [decoder.image_from_string(v, f"images[{i}]") for i, v in enumerate(body.images)]
-    return body, decode_base64
+    return body, body.images, "images"
 
 
 def _form_value(key: str, values: list):
@@ -104,30 +107,27 @@ def _not_a_file(index: int):
     raise InvalidInputError(f"files[{index}]: expected an uploaded file", f"files[{index}]")
 
 
-def _validate(model, payload):
+def _validate(model, payload, strict: bool | None = None):
     """pydantic validation with the first error's field named, as a 422."""
     try:
-        return model.model_validate(payload)
+        return model.model_validate(payload, strict=strict)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidInputError(f"{param}: {first['msg']}", param) from err
+        raise validation_error(err.errors()) from err
 
 
 @router.post("/clusters", response_model=ClustersResponse, dependencies=[READ])
 async def clusters(body: ClustersRequest, engine: EngineDep, decoder: DecoderDep) -> ClustersResponse:
     """The top-k nCLIP clusters of each image or text, with probabilities and the entropy."""
-    model = model_for(engine, body.model)
-    engine.require_clusters(model)
+    model = engine.model(body.model)
+    engine.zero_shot.require_clusters(model)
     if body.texts is not None:
-        texts = decoder.check_count(body.texts, "texts")
-        items = [decoder.check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
-        engine.check_token_lengths(model, items, False, "texts")
-        probs = await engine.cluster_probs(model, "text", items)
+        texts = decoder.check_texts(body.texts, "texts")
+        engine.check_token_lengths(model, texts, False, "texts")
+        probs = await engine.zero_shot.cluster_probs(model, "text", texts)
     else:
-        images = decoder.check_count(body.images, "images")
-        probs = await engine.cluster_probs(
-            model, "image", [decoder.image_from_string(v, f"images[{i}]") for i, v in enumerate(images)])
+        images = await decoder.images(decoder.check_count(body.images, "images"), "images",
+                                      model.bundle.preprocess.image_size)
+        probs = await engine.zero_shot.cluster_probs(model, "image", images)
     results = [ClusterResult(index=i, **dict(zip(("clusters", "entropy"), top_clusters(p, body.top_k),
                                                  strict=True))) for i, p in enumerate(probs)]
     return ClustersResponse(model=model.model_id, num_clusters=model.bundle.num_clusters, results=results)
@@ -138,32 +138,29 @@ async def describe_cluster(cluster: int, engine: EngineDep,
                            collection: str = Query(..., description="Collection whose items describe it"),
                            top: int = Query(10, ge=1, le=100), model: str | None = None) -> dict:
     """Cluster `cluster` described by the collection's items most probably in it."""
-    loaded = model_for(engine, model)
-    items = await engine.describe_cluster(loaded, cluster, collection, top)
+    loaded = engine.model(model)
+    items = await engine.zero_shot.describe_cluster(loaded, cluster, collection, top)
     return {"model": loaded.model_id, "cluster": cluster, "collection": collection, "items": items}
 
 
 @router.get("/label-sets", dependencies=[READ])
 async def list_label_sets(engine: EngineDep) -> dict:
     """Label sets created through the API and those of the active model's bundle."""
-    bundle_sets = engine.registry.active.bundle.label_sets if engine.registry.active_id else {}
-    return {"api": engine.label_sets.sets,
+    bundle_sets = engine.model().bundle.label_sets if engine.active_id else {}
+    return {"api": engine.zero_shot.label_sets.sets,
             "model": {name: {"labels": labels} for name, labels in bundle_sets.items()}}
 
 
 @router.put("/label-sets/{name}", status_code=201, dependencies=[WRITE])
 async def put_label_set(name: str, body: LabelSetRequest, engine: EngineDep, decoder: DecoderDep) -> dict:
     """Create or replace a named label set (and its prompt templates)."""
-    labels = decoder.check_count(body.labels, "labels", engine.settings.max_labels)
-    labels = [decoder.check_text(x, f"labels[{i}]") for i, x in enumerate(labels)]
-    if body.templates is not None and any(t.count("{}") != 1 for t in body.templates):
-        raise InvalidInputError("every template must contain exactly one '{}'", "templates")
-    engine.label_sets.put(name, labels, body.templates)
+    labels = decoder.check_texts(decoder.check_count(body.labels, "labels", engine.settings.max_labels), "labels")
+    engine.zero_shot.put_label_set(name, labels, body.templates)
     return {"name": name, "labels": labels, "templates": body.templates}
 
 
 @router.delete("/label-sets/{name}", status_code=204, dependencies=[WRITE])
 async def delete_label_set(name: str, engine: EngineDep) -> Response:
     """Delete a label set created through the API."""
-    engine.label_sets.delete(name)
+    engine.zero_shot.label_sets.delete(name)
     return Response(status_code=204)

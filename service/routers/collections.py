@@ -1,4 +1,7 @@
-"""Collections: create, list, stats, delete; items upsert/get/delete; search by text, image, item or vector."""
+"""Collections: create, list, stats, delete; items upsert/get/delete; search by text, image, item or vector.
+
+Item ids may hold `/` (`index build` writes `images/1f600.png`): the item routes match the rest of the path as
+the id, so `/items/images/1f600.png` and `/items/images%2F1f600.png` both address it."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from fastapi import APIRouter, Query, Response
 from service.deps import ADMIN, READ, WRITE, DecoderDep, EngineDep
 from service.engine import NewItem
 from service.engine import Query as SearchQuery
-from service.errors import ConflictError, InvalidInputError, NotFoundError
+from service.errors import InvalidInputError, NotFoundError
 from service.schemas import (
+    ERRORS,
     CreateCollectionRequest,
     DeleteItemsRequest,
     SearchHit,
@@ -21,48 +25,38 @@ from service.schemas import (
     UpsertRequest,
 )
 
-router = APIRouter(prefix="/v1/collections", tags=["collections"])
-
-
-def _info(engine, name: str) -> dict:
-    """A collection's stats plus its re-embedding status."""
-    coll = engine.collection(name)
-    return {**coll.stats(), "reembed": engine.reembed_status(name)}
+router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=ERRORS)
 
 
 @router.put("/{name}", status_code=201, dependencies=[ADMIN])
 async def create_collection(name: str, body: CreateCollectionRequest, engine: EngineDep) -> dict:
     """Create an empty collection in the active model's embedding space."""
-    await engine.create_collection(name, body.modality, body.index_factory)
-    return _info(engine, name)
+    return await engine.collections.create(name, body.modality, body.index_factory)
 
 
 @router.get("", dependencies=[READ])
 async def list_collections(engine: EngineDep) -> dict:
     """Every collection with its stats."""
-    return {"collections": [_info(engine, spec.name) for spec in engine.store.list()]}
+    return {"collections": [engine.collections.info(name) for name in engine.collections.names()]}
 
 
 @router.get("/{name}", dependencies=[READ])
 async def get_collection(name: str, engine: EngineDep) -> dict:
     """One collection's stats: items, index type, model, re-embedding progress."""
-    return _info(engine, name)
+    return engine.collections.info(name)
 
 
 @router.delete("/{name}", status_code=204, dependencies=[ADMIN])
 async def delete_collection(name: str, engine: EngineDep) -> Response:
     """Delete a collection and everything in it."""
-    engine.collection(name)
-    await engine.delete_collection(name)
+    await engine.collections.delete(name)
     return Response(status_code=204)
 
 
 @router.post("/{name}/reembed", status_code=202, dependencies=[ADMIN])
 async def reembed_collection(name: str, engine: EngineDep) -> dict:
     """Re-embed the collection with the active model in the background; progress in its stats."""
-    engine.collection(name)
-    engine.start_reembed(name, engine.registry.active)
-    return _info(engine, name)
+    return engine.collections.start_reembed(name)
 
 
 @router.post("/{name}/items", dependencies=[WRITE])
@@ -71,35 +65,57 @@ async def upsert_items(name: str, body: UpsertRequest, engine: EngineDep, decode
     decoder.check_count(body.items, "items")
     if len({item.id for item in body.items}) != len(body.items):
         raise InvalidInputError("items: ids must be unique within one request", "items")
-    items = [_new_item(item, i, decoder) for i, item in enumerate(body.items)]
-    count = await engine.upsert(name, items)
+    items = await _new_items(body.items, engine, name, decoder)
+    count = await engine.collections.upsert(name, items)
     return {"upserted": count, "collection": name}
 
 
-def _new_item(item, index: int, decoder) -> NewItem:
-    """Decode and check one item's source; images keep their bytes for re-embedding."""
-    param = f"items[{index}]"
-    if item.text is not None:
-        return NewItem(item.id, item.metadata, text=decoder.check_text(item.text, f"{param}.text"))
-    if item.image is not None:
-        data = decoder.image_bytes_from_string(item.image, f"{param}.image")
-        decoded = decoder.image_from_bytes(data, f"{param}.image")  # refuse undecodable images before storing
-        return NewItem(item.id, item.metadata, image=data, decoded=decoded)
-    return NewItem(item.id, item.metadata, vector=np.asarray(item.vector, np.float32))
+async def _new_items(items_in: list, engine, name: str, decoder) -> list[NewItem]:
+    """Checked texts, decoded images (refused before anything is stored; their bytes kept for re-embedding)
+    and raw vectors."""
+    images = [i for i, item in enumerate(items_in) if item.image is not None]
+    decoded = {}
+    if images:
+        size = engine.collections.image_size(name)
+        pairs = await decoder.images_with_bytes([items_in[i].image for i in images], "items", size,
+                                                names=[f"items[{i}].image" for i in images])
+        decoded = dict(zip(images, pairs, strict=True))
+    items = []
+    for i, item in enumerate(items_in):
+        if item.text is not None:
+            items.append(NewItem(item.id, item.metadata, text=decoder.check_text(item.text, f"items[{i}].text")))
+        elif i in decoded:
+            items.append(NewItem(item.id, item.metadata, image=decoded[i][0], decoded=decoded[i][1]))
+        else:
+            items.append(NewItem(item.id, item.metadata, vector=np.asarray(item.vector, np.float32)))
+    texts = [(i, it.text) for i, it in enumerate(items) if it.text is not None]
+    if texts:
+        model = engine.collections.model_of(engine.collections.get(name))
+        for i, text in texts:
+            engine.check_token_lengths(model, [text], False, f"items[{i}].text", single=True)
+    return items
 
 
 @router.get("/{name}/items", dependencies=[READ])
 async def list_items(name: str, engine: EngineDep, after: str = "",
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
     """Item ids in id order, a page at a time: pass the last id as `after` for the next page."""
-    ids = await engine.index_call(engine.collection(name).list_ids, after, limit)
+    ids = await engine.collections.list_ids(name, after, limit)
     return {"ids": ids, "next_after": ids[-1] if len(ids) == limit else None}
 
 
-@router.get("/{name}/items/{item_id}", dependencies=[READ])
+@router.post("/{name}/items/delete", dependencies=[WRITE])
+async def delete_items(name: str, body: DeleteItemsRequest, engine: EngineDep, decoder: DecoderDep) -> dict:
+    """Delete many items; unknown ids are ignored and not counted."""
+    decoder.check_count(body.ids, "ids")
+    deleted = await engine.collections.delete_items(name, body.ids)
+    return {"deleted": deleted, "collection": name}
+
+
+@router.get("/{name}/items/{item_id:path}", dependencies=[READ])
 async def get_item(name: str, item_id: str, engine: EngineDep) -> dict:
     """One item: metadata, kind, text, and the image as base64 when it was uploaded."""
-    item = (await engine.index_call(engine.collection(name).get, [item_id]))[0]
+    item = await engine.collections.item(name, item_id)
     if item is None:
         raise NotFoundError(f"item {item_id!r} is not in collection {name!r}", "id")
     image = base64.b64encode(item.image).decode() if item.image is not None else None
@@ -107,20 +123,12 @@ async def get_item(name: str, item_id: str, engine: EngineDep) -> dict:
             "image_path": item.image_path}
 
 
-@router.delete("/{name}/items/{item_id}", status_code=204, dependencies=[WRITE])
+@router.delete("/{name}/items/{item_id:path}", status_code=204, dependencies=[WRITE])
 async def delete_item(name: str, item_id: str, engine: EngineDep) -> Response:
     """Delete one item."""
-    if await engine.index_call(engine.collection(name).delete, [item_id]) == 0:
+    if await engine.collections.delete_items(name, [item_id]) == 0:
         raise NotFoundError(f"item {item_id!r} is not in collection {name!r}", "id")
     return Response(status_code=204)
-
-
-@router.post("/{name}/items/delete", dependencies=[WRITE])
-async def delete_items(name: str, body: DeleteItemsRequest, engine: EngineDep, decoder: DecoderDep) -> dict:
-    """Delete many items; unknown ids are ignored and not counted."""
-    decoder.check_count(body.ids, "ids")
-    deleted = await engine.index_call(engine.collection(name).delete, body.ids)
-    return {"deleted": deleted, "collection": name}
 
 
 @router.post("/{name}/search", response_model=SearchResponse, dependencies=[READ])
@@ -128,15 +136,21 @@ async def search(name: str, body: SearchRequest, engine: EngineDep, decoder: Dec
     """Nearest items to a text, image, stored item or vector, optionally filtered by metadata."""
     if body.k > engine.settings.max_k:
         raise InvalidInputError(f"k: at most {engine.settings.max_k}", "k")
-    coll = engine.collection(name)
-    if body.model is not None and engine.registry.get(body.model).model_id != coll.spec.model_id:
-        raise ConflictError(f"collection {name!r} is embedded by {coll.spec.model_id}, not {body.model}", "model")
-    query = SearchQuery(
-        text=decoder.check_text(body.text, "text") if body.text is not None else None,
-        image=decoder.image_from_string(body.image, "image") if body.image is not None else None,
-        item_id=body.id,
-        vector=np.asarray(body.vector, np.float32) if body.vector is not None else None,
-    )
-    hits = await engine.search(name, query, body.k, body.filter)
-    results = [SearchHit(id=h.id, score=h.score, metadata=h.metadata) for h in hits]
-    return SearchResponse(collection=name, model=coll.spec.model_id, results=results)
+    query = await _query(body, engine, name, decoder)
+    result = await engine.collections.search(name, query, body.k, body.filter, body.model)
+    hits = [SearchHit(id=h.id, score=h.score, metadata=h.metadata) for h in result.hits]
+    return SearchResponse(collection=name, model=result.model_id, results=hits)
+
+
+async def _query(body: SearchRequest, engine, name: str, decoder) -> SearchQuery:
+    """The checked query: text within the context, image decoded, or id / vector as given."""
+    if body.text is not None:
+        text = decoder.check_text(body.text, "text")
+        model = engine.collections.model_of(engine.collections.get(name))
+        engine.check_token_lengths(model, [text], body.truncate, "text", single=True)
+        return SearchQuery(text=text)
+    if body.image is not None:
+        return SearchQuery(image=await decoder.image(body.image, "image", engine.collections.image_size(name)))
+    if body.id is not None:
+        return SearchQuery(item_id=body.id)
+    return SearchQuery(vector=np.asarray(body.vector, np.float32))

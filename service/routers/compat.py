@@ -1,7 +1,9 @@
 """Routes for existing clients, exactly as in the wire contracts: clip-retrieval's back end (`/knn-service`,
 `/metadata`, `/indices-list`) and Weaviate's multi2vec-clip inference container (`/vectorize`, `/meta`,
-`/.well-known/live|ready`). Neither client sends an auth header: with API keys on, these routes need a key unless
-XCLIP_OPEN_COMPAT names them (the start-up log warns)."""
+`/.well-known/live|ready`). clip-retrieval's client posts JSON without a content type (browsers' `fetch` as
+text/plain): the request gate (service.app) marks these bodies as JSON whatever their type. Neither client sends
+an auth header: with API keys on, these routes need a key unless XCLIP_OPEN_COMPAT names them (the start-up log
+warns)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,15 @@ import base64
 import numpy as np
 from fastapi import APIRouter, Response
 
-from service.deps import DecoderDep, EngineDep, State
+from service.deps import DecoderDep, EngineDep
 from service.engine import Query
-from service.errors import NotFoundError
-from service.schemas import KnnRequest, MetadataRequest, VectorizeRequest
+from service.errors import InvalidInputError
+from service.schemas import ERRORS, KnnRequest, MetadataRequest, VectorizeRequest
+
+KNN_ERRORS = {code: ERRORS[code] for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
+WEAVIATE_ERRORS = {code: {"description": ERRORS[code]["description"], "content": {"application/json": {
+    "schema": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
+    for code in (400, 401, 403, 413, 422, 429, 503)}
 
 clip_retrieval = APIRouter(tags=["compat: clip-retrieval"])
 weaviate = APIRouter(tags=["compat: weaviate"])
@@ -23,46 +30,42 @@ DEDUP_COSINE = 0.98  # results this similar to a higher-ranked one count as dupl
 @clip_retrieval.get("/indices-list")
 async def indices_list(engine: EngineDep) -> list[str]:
     """Collection names."""
-    return [spec.name for spec in engine.store.list()]
+    return engine.collections.names()
 
 
-def _collection_for(engine, name: str, modality: str):
-    """The collection `name`, or its `name-<modality>` twin when `name` holds the other modality."""
-    coll = engine.collection(name)
-    if coll.spec.modality == modality:
-        return coll
-    twin = f"{name}-{modality}"
-    if twin in {s.name for s in engine.store.list()}:
-        return engine.collection(twin)
-    raise NotFoundError(f"collection {name!r} holds {coll.spec.modality} items and there is no {twin!r}",
-                        "modality")
-
-
-@clip_retrieval.post("/knn-service")
+@clip_retrieval.post("/knn-service", responses=KNN_ERRORS)
 async def knn_service(body: KnnRequest, engine: EngineDep, decoder: DecoderDep) -> list[dict]:
     """Nearest items to a text, image, image URL or embedding: id, similarity and metadata, best first."""
-    coll = _collection_for(engine, body.indice_name, body.modality)
-    query = Query(
-        text=decoder.check_text(body.text, "text") if body.text else None,
-        image=decoder.image_from_string(body.image or body.image_url, "image")
-        if (body.image or body.image_url) else None,
-        vector=np.asarray(body.embedding_input, np.float32) if body.embedding_input else None,
-    )
-    if query.text is None and query.image is None and query.vector is None:
-        raise NotFoundError("give one of text, image, image_url or embedding_input", "text") from None
+    coll = engine.collections.for_modality(body.indice_name, body.modality)
+    name = coll.spec.name
+    query = await _knn_query(body, engine, name, decoder)
     k = min(max(body.num_result_ids, body.num_images), engine.settings.max_k)
-    hits = await engine.search(coll.spec.name, query, k, None)
+    hits = (await engine.collections.search(name, query, k, None)).hits
     if body.deduplicate:
-        hits = await _deduplicate(engine, coll, hits)
-    shown = await engine.index_call(coll.get, [h.id for h in hits[: body.num_images]])  # one read, off the loop
+        hits = await _deduplicate(engine, name, hits)
+    shown = await engine.collections.items(name, [h.id for h in hits[: body.num_images]])
     return [_knn_row(h, shown[rank] if rank < len(shown) else None) for rank, h in enumerate(hits)]
 
 
-async def _deduplicate(engine, coll, hits: list) -> list:
+async def _knn_query(body: KnnRequest, engine, name: str, decoder) -> Query:
+    """The one query the request carries (clip-retrieval sends every key, the unused ones null): its text is
+    truncated at the model's context, as clip-retrieval's own back end does."""
+    if body.text:
+        return Query(text=decoder.check_text(body.text, "text"))
+    if body.image or body.image_url:
+        param = "image" if body.image else "image_url"
+        size = engine.collections.image_size(name)
+        return Query(image=await decoder.image(body.image or body.image_url, param, size))
+    if body.embedding_input:
+        return Query(vector=np.asarray(body.embedding_input, np.float32))
+    raise InvalidInputError("give one of text, image, image_url or embedding_input", "text")
+
+
+async def _deduplicate(engine, name: str, hits: list) -> list:
     """Drop hits whose embedding is near-identical to a higher-ranked hit's."""
     if len(hits) < 2:
         return hits
-    vectors = await engine.index_call(coll.vectors, [h.id for h in hits])
+    vectors = await engine.collections.vectors(name, [h.id for h in hits])
     kept: list[int] = []
     for i in range(len(hits)):
         if not kept or (vectors[kept] @ vectors[i]).max() < DEDUP_COSINE:
@@ -80,11 +83,10 @@ def _knn_row(hit, item) -> dict:
     return row
 
 
-@clip_retrieval.post("/metadata")
+@clip_retrieval.post("/metadata", responses=KNN_ERRORS)
 async def metadata(body: MetadataRequest, engine: EngineDep) -> list[dict]:
     """Metadata of items by the integer ids `/knn-service` returned."""
-    coll = engine.collection(body.indice_name)
-    items = await engine.index_call(coll.get_by_int_ids, body.ids)
+    items = await engine.collections.items_by_int_ids(body.indice_name, body.ids)
     return [{"id": int_id, "metadata": {**item.metadata, "id": item.id}}
             for int_id, item in zip(body.ids, items, strict=True) if item is not None]
 
@@ -94,29 +96,29 @@ async def live() -> Response:
     return Response(status_code=204)
 
 
-@weaviate.get("/.well-known/ready", status_code=204)
+@weaviate.get("/.well-known/ready", status_code=204, responses={503: ERRORS[503]})
 async def ready(engine: EngineDep) -> Response:
-    engine.registry.active  # noqa: B018 (503 until a model is active)
+    engine.model()  # 503 until a model is active
     return Response(status_code=204)
 
 
 @weaviate.get("/meta")
-async def meta(state: State) -> dict:
+async def meta(engine: EngineDep) -> dict:
     """The active model, as Weaviate shows it to users."""
-    model = state.engine.registry.active
+    model = engine.model()
     return {"model": model.describe(model.model_id), "server": "xclip-serve"}
 
 
-@weaviate.post("/vectorize")
+@weaviate.post("/vectorize", responses=WEAVIATE_ERRORS)
 async def vectorize(body: VectorizeRequest, engine: EngineDep, decoder: DecoderDep) -> dict:
-    """Text and image vectors, L2-normalised, in input order."""
-    model = engine.registry.active
+    """Text and image vectors, L2-normalised, in input order; texts over the model's context are truncated
+    (Weaviate cannot ask for it, and vectorizes whole documents)."""
+    model = engine.model()
     texts = [decoder.check_text(t, f"texts[{i}]") for i, t in enumerate(body.texts or [])]
-    images = [decoder.image_from_string(v, f"images[{i}]") for i, v in enumerate(body.images or [])]
-    for values, param in ((texts, "texts"), (images, "images")):
+    for values, param in ((texts, "texts"), (body.images or [], "images")):
         if len(values) > engine.settings.max_items:
             decoder.check_count(values, param)
-    engine.check_token_lengths(model, texts, truncate=True, param="texts")
+    images = await decoder.images(body.images or [], "images", model.bundle.preprocess.image_size)
     text_vectors = (await engine.encode(model, "text", texts))["embedding"].tolist() if texts else []
     image_vectors = (await engine.encode(model, "image", images))["embedding"].tolist() if images else []
     return {"textVectors": text_vectors, "imageVectors": image_vectors}

@@ -8,9 +8,10 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
-from service.deps import READ, DecoderDep, EngineDep, model_for
+from service.deps import READ, DecoderDep, EngineDep
 from service.errors import BadRequestError
 from service.schemas import (
+    ERRORS,
     ClusterScore,
     Embedding,
     EmbeddingData,
@@ -21,18 +22,18 @@ from service.schemas import (
     Usage,
 )
 
-router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[READ])
+router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[READ], responses=ERRORS)
 
 
 @router.post("/embeddings", response_model=EmbeddingsResponse)
 async def create_embeddings(body: EmbeddingsRequest, engine: EngineDep, decoder: DecoderDep) -> EmbeddingsResponse:
     """OpenAI-compatible embeddings of texts, or of images with `"modality": "image"`."""
-    model = model_for(engine, body.model)
+    model = engine.model(body.model)
     inputs = decoder.check_count([body.input] if isinstance(body.input, str) else body.input, "input")
     if body.dimensions is not None and body.dimensions != model.bundle.embed_dim:
         raise BadRequestError(f"dimensions: this model only returns {model.bundle.embed_dim}", "dimensions")
     if body.modality == "image":
-        images = [decoder.image_from_string(v, f"input[{i}]") for i, v in enumerate(inputs)]
+        images = await decoder.images(inputs, "input", model.bundle.preprocess.image_size)
         tokens = [0] * len(images)
         embeddings = (await engine.encode(model, "image", images))["embedding"]
     else:
@@ -55,11 +56,11 @@ def _encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | st
 @router.post("/embed/text", response_model=EmbedResponse, response_model_exclude_none=True)
 async def embed_text(body: EmbedTextRequest, engine: EngineDep, decoder: DecoderDep) -> EmbedResponse:
     """Text embeddings, optionally with each text's top nCLIP clusters."""
-    model = model_for(engine, body.model)
-    texts = [decoder.check_text(t, f"texts[{i}]") for i, t in enumerate(decoder.check_count(body.texts, "texts"))]
+    model = engine.model(body.model)
+    texts = decoder.check_texts(body.texts, "texts")
     engine.check_token_lengths(model, texts, body.truncate, "texts")
     if body.clusters:
-        engine.require_clusters(model)
+        engine.zero_shot.require_clusters(model)
     outputs = await engine.encode(model, "text", texts)
     return EmbedResponse(model=model.model_id, data=_embeddings(outputs, body.clusters, body.cluster_top_k))
 
@@ -69,11 +70,11 @@ async def embed_image(engine: EngineDep, decoder: DecoderDep, files: Annotated[l
                       model: Annotated[str | None, Form()] = None, clusters: Annotated[bool, Form()] = False,
                       cluster_top_k: Annotated[int, Form(ge=1, le=100)] = 5) -> EmbedResponse:
     """Image embeddings of one or many uploaded files (multipart field `files`)."""
-    loaded = model_for(engine, model)
+    loaded = engine.model(model)
     decoder.check_count(files, "files")
-    images = [decoder.image_from_bytes(await f.read(), f"files[{i}]") for i, f in enumerate(files)]
     if clusters:
-        engine.require_clusters(loaded)
+        engine.zero_shot.require_clusters(loaded)
+    images = await decoder.images([await f.read() for f in files], "files", loaded.bundle.preprocess.image_size)
     outputs = await engine.encode(loaded, "image", images)
     return EmbedResponse(model=loaded.model_id, data=_embeddings(outputs, clusters, cluster_top_k))
 

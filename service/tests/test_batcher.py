@@ -108,7 +108,7 @@ def test_timed_out_request_is_dropped_not_computed():
     assert recorder.sizes == [1]  # only the first batch ran: the expired request was never computed
 
 
-def test_encoder_failure_reaches_every_caller_in_the_batch_and_the_batcher_survives():
+def test_encoder_failure_reaches_only_the_failing_caller_and_the_batcher_survives():
     def flaky(items):
         if 13 in items:
             raise ValueError("bad item")
@@ -121,6 +121,38 @@ def test_encoder_failure_reaches_every_caller_in_the_batch_and_the_batcher_survi
         await batcher.close()
         return results, after
 
-    results, after = run(main())
-    assert all(isinstance(r, ValueError) for r in results)
+    (failed, batch_mate), after = run(main())
+    assert isinstance(failed, ValueError)
+    np.testing.assert_array_equal(batch_mate["embedding"], [[1, 1]])
     np.testing.assert_array_equal(after["embedding"], [[3, 9]])
+
+
+def refuse_negative(items: list) -> dict[str, np.ndarray]:
+    """An encoder that fails the whole call when any item is negative (as a tokenizer fails on one bad text)."""
+    if any(x < 0 for x in items):
+        raise ValueError("negative input")
+    return square_rows(items)
+
+
+def test_a_poisoned_request_fails_alone_and_its_batch_mates_get_their_rows():
+    recorder = Recorder(refuse_negative)
+    recorder.release.clear()  # hold the first call so that the rest queue up and share one batch
+
+    async def main():
+        batcher = DynamicBatcher("t", recorder, max_batch_size=64, max_wait_ms=50)
+        first = asyncio.ensure_future(batcher.submit([1.0]))
+        await asyncio.sleep(0.05)
+        calls = [batcher.submit([float(i)]) for i in range(2, 10)] + [batcher.submit([-1.0, 3.0])]
+        pending = asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        recorder.release.set()
+        results = [await first, *await pending]
+        await batcher.close()
+        return results
+
+    results = run(main())
+    *valid, poisoned = results
+    assert isinstance(poisoned, ValueError)
+    for i, result in zip([1, *range(2, 10)], valid, strict=True):
+        np.testing.assert_array_equal(result["embedding"], [[i, i * i]])
+    assert 10 in recorder.sizes, recorder.sizes  # the eight valid and the poisoned request did share a batch

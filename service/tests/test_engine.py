@@ -44,10 +44,10 @@ def test_engine_encoding_equals_direct_onnx(engine):
 
 def test_classify_is_softmax_of_scaled_cosines_to_ensembled_labels(engine):
     model = engine.registry.active
-    labels, templates = engine.resolve_labels(model, ["red", "blue"], None, ["a {} shape", "{}"])
+    labels, templates = engine.zero_shot.resolve_labels(model, ["red", "blue"], None, ["a {} shape", "{}"])
 
     async def main():
-        out = await engine.classify(model, images(3), labels, templates)
+        out = await engine.zero_shot.classify(model, images(3), labels, templates)
         await engine.close()
         return out
 
@@ -60,8 +60,8 @@ def test_classify_is_softmax_of_scaled_cosines_to_ensembled_labels(engine):
 
 def test_classify_prompts_default_to_the_bundles_own_templates(engine):
     model = engine.registry.active
-    assert engine.resolve_labels(model, ["red"], None, None)[1] == model.bundle.config["templates"]
-    assert engine.resolve_labels(model, ["red"], None, ["the {}"])[1] == ["the {}"]  # a request's own win
+    assert engine.zero_shot.resolve_labels(model, ["red"], None, None)[1] == model.bundle.config["templates"]
+    assert engine.zero_shot.resolve_labels(model, ["red"], None, ["the {}"])[1] == ["the {}"]  # a request's own win
 
 
 @pytest.mark.parametrize("labels, label_set, templates, error", [
@@ -72,7 +72,7 @@ def test_classify_prompts_default_to_the_bundles_own_templates(engine):
 ])
 def test_bad_label_requests(engine, labels, label_set, templates, error):
     with pytest.raises(error):
-        engine.resolve_labels(engine.registry.active, labels, label_set, templates)
+        engine.zero_shot.resolve_labels(engine.registry.active, labels, label_set, templates)
 
 
 def test_registry_refuses_a_broken_bundle_and_keeps_the_active_one(engine, tmp_path, tiny_bundle):
