@@ -77,6 +77,16 @@ class Server:
     def logs(self) -> str:
         return self.log_path.read_text()
 
+    def wait_for_log(self, text: str, timeout: float = 30) -> str:
+        """The log once it holds `text`: the access line is written after the response is sent, so a test
+        that reads the log right after a response races the server."""
+        deadline = time.monotonic() + timeout
+        while text not in (logs := self.logs()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the server log after {timeout}s:\n{logs[-2000:]}")
+            time.sleep(0.05)
+        return logs
+
 
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> Path:

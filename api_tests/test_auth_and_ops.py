@@ -58,7 +58,7 @@ def test_request_ids_are_echoed_and_logged(server):
     with server.client("reader-key") as client:
         response = client.get("/v1/models", headers={"X-Request-ID": "trace-me-42"})
     assert response.headers["X-Request-ID"] == "trace-me-42"
-    assert '"request_id": "trace-me-42"' in server.logs()
+    server.wait_for_log('"request_id": "trace-me-42"')
 
 
 def test_cors_preflight_allows_browser_front_ends(server):
