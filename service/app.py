@@ -222,21 +222,10 @@ class RequestGate:
 
 def _match_route(scope) -> None:
     """Record the route a refused request was for (the router never saw it), for its metrics label."""
-    route = _find_route(scope["app"].router.routes, scope)
+    routes = _leaf_routes(scope["app"].router.routes)
+    route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
     if route is not None:
         scope["route"] = route
-
-
-def _find_route(routes, scope):
-    """The route matching `scope`, looking inside included routers (the app includes them without a prefix)."""
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        found = _find_route(inner.routes, scope) if inner is not None else None
-        if found is None and inner is None and route.matches(scope)[0] == Match.FULL:
-            found = route
-        if found is not None:
-            return found
-    return None
 
 
 def under(path: str, prefixes: tuple[str, ...]) -> bool:
@@ -317,6 +306,8 @@ def _from_validation(err: RequestValidationError) -> ServiceError:
 
 def _from_http(err: StarletteHTTPException) -> ServiceError:
     """Starlette's own errors (unknown route, wrong method) in the one error shape."""
+    if err.status_code == 400 and err.__cause__ is not None:  # FastAPI's body parser failed (JSON nested too deep)
+        return BadRequestError(f"body: {err.detail}: {err.__cause__}", "body")
     for cls, (status, _) in ERROR_TABLE.items():
         if status == err.status_code:
             return cls(str(err.detail), headers=err.headers)  # e.g. a 405's Allow (RFC 9110)

@@ -17,17 +17,21 @@ from service.engine import Query
 from service.errors import InvalidInputError
 from service.schemas import ERRORS, KnnRequest, MetadataRequest, VectorizeRequest
 
-KNN_ERRORS = {code: ERRORS[code] for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
+KNN_ERRORS = {code: ERRORS[code] for code in (400, 401, 403, 404, 409, 413, 422, 429, 503, 504)}
 WEAVIATE_ERRORS = {code: {"description": ERRORS[code]["description"], "content": {"application/json": {
     "schema": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
-    for code in (400, 401, 403, 413, 422, 429, 503)}
+    for code in (400, 401, 403, 413, 422, 429, 503, 504)}
+# what the GET routes answer besides success: without a key 401 (unless XCLIP_OPEN_COMPAT names them); no model 503
+KEY_ERRORS = {code: ERRORS[code] for code in (401, 403)}
+WEAVIATE_KEY_ERRORS = {code: WEAVIATE_ERRORS[code] for code in (401, 403)}
+WEAVIATE_GET_ERRORS = {code: WEAVIATE_ERRORS[code] for code in (401, 403, 503)}
 
 clip_retrieval = APIRouter(tags=["compat: clip-retrieval"])
 weaviate = APIRouter(tags=["compat: weaviate"])
 DEDUP_COSINE = 0.98  # results this similar to a higher-ranked one count as duplicates
 
 
-@clip_retrieval.get("/indices-list")
+@clip_retrieval.get("/indices-list", responses=KEY_ERRORS)
 async def indices_list(engine: EngineDep) -> list[str]:
     """Collection names."""
     return engine.collections.names()
@@ -91,18 +95,18 @@ async def metadata(body: MetadataRequest, engine: EngineDep) -> list[dict]:
             for int_id, item in zip(body.ids, items, strict=True) if item is not None]
 
 
-@weaviate.get("/.well-known/live", status_code=204)
+@weaviate.get("/.well-known/live", status_code=204, responses=WEAVIATE_KEY_ERRORS)
 async def live() -> Response:
     return Response(status_code=204)
 
 
-@weaviate.get("/.well-known/ready", status_code=204, responses={503: ERRORS[503]})
+@weaviate.get("/.well-known/ready", status_code=204, responses=WEAVIATE_GET_ERRORS)
 async def ready(engine: EngineDep) -> Response:
     engine.model()  # 503 until a model is active
     return Response(status_code=204)
 
 
-@weaviate.get("/meta")
+@weaviate.get("/meta", responses=WEAVIATE_GET_ERRORS)
 async def meta(engine: EngineDep) -> dict:
     """The active model, as Weaviate shows it to users."""
     model = engine.model()
