@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 
 from index.errors import InvalidCollectionError
 
@@ -33,7 +34,7 @@ def where_clause(where: dict | None) -> tuple[str, list] | None:
     if where is None:
         return None
     if not isinstance(where, dict) or not where:
-        raise InvalidCollectionError(f"where must be a non-empty JSON object of metadata keys, got {where!r}")
+        raise InvalidCollectionError(f"where must be a non-empty JSON object of metadata keys, got {_short(where)}")
     if len(where) > MAX_FILTER_KEYS:
         raise InvalidCollectionError(f"where names {len(where)} keys; at most {MAX_FILTER_KEYS} keys per filter")
     conditions, params = [], []
@@ -47,7 +48,7 @@ def where_clause(where: dict | None) -> tuple[str, list] | None:
 def _json_path(key: object) -> str:
     """The SQLite JSON path of a top-level key; keys with a double quote cannot be addressed: refused."""
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or '"' in key:
-        raise InvalidCollectionError(f"where key {key!r} must be a string of 1-{MAX_KEY_LENGTH} characters "
+        raise InvalidCollectionError(f"where key {_short(key)} must be a string of 1-{MAX_KEY_LENGTH} characters "
                                      "without double quotes")
     return f'$."{key}"'
 
@@ -64,10 +65,10 @@ def _values_json(key: str, condition: object) -> str:
 def _in_values(key: str, condition: dict) -> list:
     """The values of `{"in": [...]}`; any other operator is refused."""
     if set(condition) != {"in"} or not isinstance(condition["in"], list):
-        raise InvalidCollectionError(f"where[{key!r}] must be a value or {{\"in\": [values]}}, "
-                                     f"got {condition!r}")
+        raise InvalidCollectionError(f"where[{_short(key)}] must be a value or {{\"in\": [values]}}, "
+                                     f"got {_short(condition)}")
     if len(condition["in"]) > MAX_IN_VALUES:
-        raise InvalidCollectionError(f"where[{key!r}] has {len(condition['in'])} values; at most "
+        raise InvalidCollectionError(f"where[{_short(key)}] has {len(condition['in'])} values; at most "
                                      f"{MAX_IN_VALUES} values in an \"in\" list")
     return condition["in"]
 
@@ -78,5 +79,12 @@ def _check_scalar(key: str, value: object) -> None:
         return
     if isinstance(value, int | float) and math.isfinite(value) and abs(value) < 2**63:
         return
-    raise InvalidCollectionError(f"where[{key!r}]: {value!r} is not a JSON scalar "
+    raise InvalidCollectionError(f"where[{_short(key)}]: {_short(value)} is not a JSON scalar "
                                  "(string, number, true/false, null)")
+
+
+def _short(value: object) -> str:
+    """A bounded repr for error messages: a filter may hold 10,000 values or 5,000 keys."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 3, 6, 6, 60, 60
+    return short.repr(value)

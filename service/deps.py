@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth import KeyChecker
 from service.engine import Engine
@@ -46,11 +47,16 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 DecoderDep = Annotated[InputDecoder, Depends(get_decoder)]
 
 
+# declares the API key to OpenAPI as a bearer scheme; the check itself is KeyChecker's (401 / 403 in our shape)
+BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                    description="An API key: `Authorization: Bearer <key>` (docs/SERVICE.md, API keys)")
+
+
 def require(scope: str):
     """A dependency that lets the request through only with a key holding `scope`."""
 
-    async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-        request.app.state.xclip.keys.require(authorization, scope)
+    async def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        request.app.state.xclip.keys.require(request.headers.get("authorization"), scope)
 
     return Depends(check)
 
