@@ -152,11 +152,11 @@ class Collections:
             vectors = await self._embed_new_items(model, items)
             try:
                 await asyncio.to_thread(coll.upsert, records, vectors, model.model_id)
-                return len(records)
-            except InvalidCollectionError as err:
+                break
+            except InvalidCollectionError as err:  # bad input, or the collection left `model`'s space meanwhile
                 if coll.spec.model_id == model.model_id or attempt == SWITCH_RETRIES - 1:
                     raise from_index_error(err, "items") from err
-        raise AssertionError("unreachable")
+        return len(records)
 
     async def _embed_new_items(self, model: LoadedModel, items: list[NewItem]) -> np.ndarray:
         """(N, D) vectors: raw vectors as given (checked), texts and images through the model."""
