@@ -106,10 +106,13 @@ class DynamicBatcher:
                 await self._run(batch)
 
     async def _next_batch(self) -> list[_Request]:
-        """The first waiting request plus what is queued (and, under load, what arrives within `max_wait`)."""
+        """The first waiting request plus what is queued; under load, a request that finds no company queued
+        waits up to `max_wait` for some. A backlog (what queued while the last batch ran) goes at once: waiting
+        for stragglers then only leaves the encoder idle."""
         first = await self._queue.get()
         batch, size = [first], len(first.items)
-        deadline = time.monotonic() + (self.max_wait if self._last_batch_size > 1 else 0.0)
+        alone = self._queue.empty()
+        deadline = time.monotonic() + (self.max_wait if self._last_batch_size > 1 and alone else 0.0)
         while size < self.max_batch_size:
             request = await self._get_until(deadline)
             if request is None:

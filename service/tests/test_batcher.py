@@ -156,3 +156,29 @@ def test_a_poisoned_request_fails_alone_and_its_batch_mates_get_their_rows():
     for i, result in zip([1, *range(2, 10)], valid, strict=True):
         np.testing.assert_array_equal(result["embedding"], [[i, i * i]])
     assert 10 in recorder.sizes, recorder.sizes  # the eight valid and the poisoned request did share a batch
+
+
+def test_a_backlog_goes_at_once_instead_of_waiting_for_stragglers():
+    """Requests that queued while a batch ran form the next batch without waiting `max_wait`: a request sent
+    after that batch was taken runs in a batch of its own."""
+    recorder = Recorder(delay=0.0)
+    recorder.release.clear()
+
+    async def main():
+        batcher = DynamicBatcher("t", recorder, max_batch_size=64, max_wait_ms=1000)
+        warm = [asyncio.ensure_future(batcher.submit([float(i)])) for i in range(2)]  # under load: last batch > 1
+        await asyncio.sleep(0.05)
+        backlog = [asyncio.ensure_future(batcher.submit([float(i)])) for i in range(2, 7)]
+        await asyncio.sleep(0.05)
+        recorder.release.set()
+        await asyncio.gather(*warm)
+        while not batcher._queue.empty():  # the collector has taken the backlog
+            await asyncio.sleep(0.001)
+        straggler = await batcher.submit([7.0])
+        await asyncio.gather(*backlog)
+        await batcher.close()
+        return straggler
+
+    straggler = run(main())
+    np.testing.assert_array_equal(straggler["embedding"], [[7, 49]])
+    assert recorder.sizes == [2, 5, 1], recorder.sizes
