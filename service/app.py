@@ -18,7 +18,7 @@ from index.store import CollectionStore
 from service import __version__
 from service.auth import KeyChecker
 from service.body import check_surrogates, validation_error
-from service.deps import READ, AppState
+from service.deps import KEY_SCOPES, READ, AppState
 from service.engine import Engine
 from service.errors import (
     ERROR_TABLE,
@@ -196,7 +196,8 @@ class RequestGate:
             raise self._too_large()
         path = scope["path"]
         if not under(path, self.open_paths):
-            scope["app"].state.xclip.keys.scopes_of(headers.get(b"authorization", b"").decode("latin-1") or None)
+            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+            scope[KEY_SCOPES] = scope["app"].state.xclip.keys.scopes_of(authorization)
         if path.startswith(COMPAT_JSON_PATHS):
             rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope["headers"] = [*rest, (b"content-type", b"application/json")]

@@ -218,7 +218,8 @@ class KeyChecker:
         record = self._by_id.get(key_id_of(key))
         return [record] if record else self._without_id
 
-    def require(self, authorization: str | None, scope: str) -> None:
-        """401 without a valid key, 403 when the key lacks `scope`."""
-        if scope not in self.scopes_of(authorization):
+    def require(self, authorization: str | None, scope: str, known: frozenset[str] | None = None) -> None:
+        """401 without a valid key, 403 when the key lacks `scope`; `known`: the key's scopes, already looked up
+        for this request (by the request gate), so the key is not hashed twice."""
+        if scope not in (known if known is not None else self.scopes_of(authorization)):
             raise PermissionDeniedError(f"this API key lacks the '{scope}' scope", "authorization")

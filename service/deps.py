@@ -47,6 +47,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 DecoderDep = Annotated[InputDecoder, Depends(get_decoder)]
 
 
+KEY_SCOPES = "xclip.key_scopes"  # ASGI scope entry: the scopes the request gate found for the request's key
 # declares the API key to OpenAPI as a bearer scheme; the check itself is KeyChecker's (401 / 403 in our shape)
 BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey",
                     description="An API key: `Authorization: Bearer <key>` (docs/SERVICE.md, API keys)")
@@ -56,7 +57,8 @@ def require(scope: str):
     """A dependency that lets the request through only with a key holding `scope`."""
 
     async def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
-        request.app.state.xclip.keys.require(request.headers.get("authorization"), scope)
+        request.app.state.xclip.keys.require(request.headers.get("authorization"), scope,
+                                             request.scope.get(KEY_SCOPES))
 
     return Depends(check)
 
