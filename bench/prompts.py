@@ -110,7 +110,7 @@ def main() -> None:
     sets = load_sets(args.sets)
     rows = []
     for bundle_dir in tqdm([Path(b) for b in args.bundles], desc="bundles", unit="bundle"):
-        objective = load_bundle(bundle_dir).config["objective"]
+        objective = load_bundle(bundle_dir).config.objective
         rows.append({"bundle": str(bundle_dir), "objective": objective,
                      "metrics": score_bundle(bundle_dir, args.data, args.split, sets)})
     headers, lines = table(rows, sets)

@@ -1,7 +1,9 @@
 """Reading a model bundle: the directory that is the contract between training, export, index and service.
 
 A bundle holds `config.json`, `model.safetensors`, `tokenizer.json`, `preprocess.json`, `label_sets.json`,
-the ONNX encoders (optionally int8 twins) and `manifest.json`. Readers take every setting from here.
+the ONNX encoders (optionally int8 / fp16 twins) and `manifest.json`. Readers take every setting from here:
+`config.json` through one typed, versioned class (`BundleConfig`) that every producer writes and every reader
+reads; the context length and image size live only in `tokenizer.json` and `preprocess.json`.
 """
 
 from __future__ import annotations
@@ -20,22 +22,17 @@ from core.tokenizer import TextTokenizer
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["BUNDLE_FORMAT", "Bundle", "BundleError", "BundleIntegrityError", "load_bundle"]
+__all__ = ["BUNDLE_FORMAT", "Bundle", "BundleConfig", "BundleError", "BundleIntegrityError", "OnnxFiles",
+           "load_bundle"]
 
-BUNDLE_FORMAT = "xclip-bundle/1"
+# /2: config.json as BundleConfig writes it; /1 (before): it also repeated context_length and image_size, which
+# are read now only to check that they agree with tokenizer.json and preprocess.json
+BUNDLE_FORMAT = "xclip-bundle/2"
+READABLE_FORMATS = ("xclip-bundle/1", BUNDLE_FORMAT)
+LEGACY_KEYS = ("context_length", "image_size")
 OBJECTIVES = ("clip", "nclip", "xclip")
 MODALITIES = ("image", "text")
 VARIANTS = ("fp32", "int8", "fp16")  # fp16: for GPU execution providers
-CONFIG_KEYS = {
-    "model_name": str,
-    "objective": str,
-    "embed_dim": int,
-    "num_clusters": int,
-    "logit_scale": (int, float),
-    "context_length": int,
-    "image_size": int,
-    "onnx": dict,
-}
 FIXED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "preprocess.json", "label_sets.json")
 
 
@@ -45,11 +42,115 @@ def variant_file(fp32_name: str, variant: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnnxFiles:
+    """The encoder files and their graph interface."""
+
+    image: str = "image_encoder.onnx"
+    text: str = "text_encoder.onnx"
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)  # modality → input name
+    outputs: tuple[str, ...] = ("embedding",)
+    opset: int | None = None
+
+    def file(self, modality: str, variant: str = "fp32") -> str:
+        """File name of `modality`'s encoder in `variant`."""
+        return variant_file(self.image if modality == "image" else self.text, variant)
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleConfig:
+    """`config.json`: what the service, index and evaluation need to run a bundle, typed; `extra` holds what
+    producers record beside it (version, metrics, parity and variant reports, training settings), for people and
+    benchmarks, never read to serve."""
+
+    model_name: str
+    objective: str
+    embed_dim: int
+    num_clusters: int
+    logit_scale: float  # multiplier of cosines, already exp'd
+    onnx: OnnxFiles
+    logit_bias: float | None = None  # added to scaled cosines by sigmoid-loss models (SigLIP)
+    cluster_temperature: float | None = None
+    templates: tuple[str, ...] | None = None  # the zero-shot prompts the producer chose
+    architecture: dict | None = None  # the training model's config (None for imported checkpoints)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON object of `config.json` (`extra` at the top level, where it has always been)."""
+        typed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "onnx")}
+        onnx = {**dataclasses.asdict(self.onnx), "outputs": list(self.onnx.outputs)}
+        typed["templates"] = list(self.templates) if self.templates is not None else None
+        return {"format": BUNDLE_FORMAT, **self.extra, **typed, "onnx": onnx}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "config.json") -> BundleConfig:
+        """The typed config of a JSON object of a readable format; BundleError naming the bad key otherwise."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{where} must hold a JSON object")
+        if data.get("format") not in READABLE_FORMATS:
+            raise BundleError(f"{where}: unknown bundle format {data.get('format')!r}, expected one of "
+                              f"{READABLE_FORMATS}")
+        typed = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        config = cls(
+            model_name=_typed(data, "model_name", str, where),
+            objective=_typed(data, "objective", str, where),
+            embed_dim=_typed(data, "embed_dim", int, where),
+            num_clusters=_typed(data, "num_clusters", int, where),
+            logit_scale=float(_typed(data, "logit_scale", (int, float), where)),
+            onnx=_onnx_files(data.get("onnx"), where),
+            logit_bias=_optional_float(data, "logit_bias", where),
+            cluster_temperature=_optional_float(data, "cluster_temperature", where),
+            templates=_templates(data.get("templates"), where),
+            architecture=data.get("architecture"),
+            extra={k: v for k, v in data.items() if k not in typed and k not in ("format", *LEGACY_KEYS)},
+        )
+        config.check(where)
+        return config
+
+    def check(self, where: str = "config.json") -> None:
+        """BundleError for values no reader could serve."""
+        if self.objective not in OBJECTIVES:
+            raise BundleError(f"{where}: unknown objective {self.objective!r}, expected one of {OBJECTIVES}")
+        if self.embed_dim <= 0 or self.num_clusters < 0:
+            raise BundleError(f"{where}: embed_dim must be > 0 and num_clusters >= 0")
+        if not (self.logit_scale > 0):
+            raise BundleError(f"{where}: logit_scale must be > 0")
+
+
+def _typed(data: dict, key: str, kind, where: str):
+    value = data.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BundleError(f"{where}: {key!r} is missing or not {kind}")
+    return value
+
+
+def _optional_float(data: dict, key: str, where: str) -> float | None:
+    return None if data.get(key) is None else float(_typed(data, key, (int, float), where))
+
+
+def _templates(value: object, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+        raise BundleError(f"{where}: 'templates' must be a non-empty list of strings")
+    return tuple(value)
+
+
+def _onnx_files(value: object, where: str) -> OnnxFiles:
+    if not isinstance(value, dict) or not all(isinstance(value.get(m), str) for m in MODALITIES):
+        raise BundleError(f"{where}: 'onnx' must name the 'image' and 'text' encoder files")
+    inputs, outputs = value.get("inputs") or {}, value.get("outputs") or ["embedding"]
+    if not isinstance(inputs, dict) or not isinstance(outputs, list):
+        raise BundleError(f"{where}: 'onnx' inputs must be an object and outputs a list")
+    return OnnxFiles(image=value["image"], text=value["text"], inputs=dict(inputs), outputs=tuple(outputs),
+                     opset=value.get("opset"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Bundle:
     """A loaded bundle: its config plus the preprocessing, tokenizer and label sets every reader shares."""
 
     path: Path
-    config: dict
+    config: BundleConfig
     preprocess: PreprocessConfig
     tokenizer: TextTokenizer
     label_sets: dict[str, list[str]]
@@ -57,20 +158,20 @@ class Bundle:
 
     @property
     def objective(self) -> str:
-        return self.config["objective"]
+        return self.config.objective
 
     @property
     def embed_dim(self) -> int:
-        return int(self.config["embed_dim"])
+        return self.config.embed_dim
 
     @property
     def num_clusters(self) -> int:
-        return int(self.config["num_clusters"])
+        return self.config.num_clusters
 
     @property
     def logit_scale(self) -> float:
         """Multiplier of cosine similarities (already exp'd)."""
-        return float(self.config["logit_scale"])
+        return self.config.logit_scale
 
     @property
     def has_clusters(self) -> bool:
@@ -79,7 +180,7 @@ class Bundle:
     @property
     def model_id(self) -> str:
         """`<model_name>-<12 hex of the manifest hash>`: distinct for every exported build."""
-        return f"{self.config['model_name']}-{self.manifest_sha256[:12] or 'unverified'}"
+        return f"{self.config.model_name}-{self.manifest_sha256[:12] or 'unverified'}"
 
     def onnx_path(self, modality: str, variant: str = "fp32") -> Path:
         """Path of the `modality` ("image"|"text") encoder; `variant` "int8" / "fp16" picks a reduced twin."""
@@ -87,7 +188,7 @@ class Bundle:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        name = variant_file(self.config["onnx"][modality], variant)
+        name = self.config.onnx.file(modality, variant)
         path = self.path / name
         if not path.is_file():
             raise BundleError(f"bundle {self.path} has no {variant} {modality} encoder ({name})")
@@ -101,8 +202,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"bundle directory {path} does not exist")
     if verify:
         verify_manifest(path)
-    config = _read_json(path / "config.json")
-    _validate_config(config, path)
+    raw = _read_json(path / "config.json")
+    config = BundleConfig.from_dict(raw, f"{path}/config.json")
     _check_required_files(path, config)
     bundle = Bundle(
         path=path,
@@ -112,7 +213,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         label_sets=_read_label_sets(path / "label_sets.json"),
         manifest_sha256=file_sha256(path / MANIFEST_NAME) if (path / MANIFEST_NAME).is_file() else "",
     )
-    _check_consistency(bundle)
+    _check_legacy_keys(bundle, raw)
     logger.info("loaded bundle %s (%s, dim %d)", bundle.model_id, bundle.objective, bundle.embed_dim)
     return bundle
 
@@ -135,30 +236,9 @@ def _load_part(loader: Callable[[Path], T], path: Path) -> T:
         raise BundleError(f"{path}: cannot load: {err}") from err
 
 
-def _validate_config(config: object, path: Path) -> None:
-    """Refuse a config of another format, an unknown objective, or missing/mistyped keys."""
-    if not isinstance(config, dict):
-        raise BundleError(f"{path}/config.json must hold a JSON object")
-    if config.get("format") != BUNDLE_FORMAT:
-        raise BundleError(
-            f"{path}: unknown bundle format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}"
-        )
-    if config.get("objective") not in OBJECTIVES:
-        raise BundleError(
-            f"{path}: unknown objective {config.get('objective')!r}, expected one of {OBJECTIVES}"
-        )
-    for key, kind in CONFIG_KEYS.items():
-        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
-            raise BundleError(f"{path}/config.json: {key!r} is missing or not {kind}")
-    if config["embed_dim"] <= 0 or config["num_clusters"] < 0:
-        raise BundleError(f"{path}/config.json: embed_dim must be > 0 and num_clusters >= 0")
-    if not all(isinstance(config["onnx"].get(m), str) for m in MODALITIES):
-        raise BundleError(f"{path}/config.json: 'onnx' must name the 'image' and 'text' encoder files")
-
-
-def _check_required_files(path: Path, config: dict) -> None:
+def _check_required_files(path: Path, config: BundleConfig) -> None:
     """Raise `BundleError` listing every required file that is absent."""
-    required = (*FIXED_FILES, *(config["onnx"][m] for m in MODALITIES))
+    required = (*FIXED_FILES, *(config.onnx.file(m) for m in MODALITIES))
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise BundleError(f"bundle {path} is missing {', '.join(missing)}")
@@ -175,15 +255,11 @@ def _read_label_sets(path: Path) -> dict[str, list[str]]:
     return label_sets
 
 
-def _check_consistency(bundle: Bundle) -> None:
-    """The config must agree with the tokenizer and preprocessing it ships with."""
-    if bundle.tokenizer.context_length != bundle.config["context_length"]:
-        raise BundleError(
-            f"{bundle.path}: config context_length {bundle.config['context_length']} != "
-            f"tokenizer.json's {bundle.tokenizer.context_length}"
-        )
-    if bundle.preprocess.image_size != bundle.config["image_size"]:
-        raise BundleError(
-            f"{bundle.path}: config image_size {bundle.config['image_size']} != "
-            f"preprocess.json's {bundle.preprocess.image_size}"
-        )
+def _check_legacy_keys(bundle: Bundle, raw: dict) -> None:
+    """A config that still repeats the context length or image size (format /1) must agree with the tokenizer
+    and preprocessing it ships with (`BundleConfig` does not keep them)."""
+    actual = {"context_length": bundle.tokenizer.context_length, "image_size": bundle.preprocess.image_size}
+    for key in LEGACY_KEYS:
+        if key in raw and raw[key] != actual[key]:
+            source = "tokenizer.json" if key == "context_length" else "preprocess.json"
+            raise BundleError(f"{bundle.path}: config {key} {raw[key]} != {source}'s {actual[key]}")

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from core.bundle import MODALITIES, Bundle, variant_file
+from core.bundle import MODALITIES, Bundle
 from core.preprocess import preprocess_batch
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def choose_variant(requested: str, providers: list[str], bundle: Bundle) -> str:
     if requested != "auto":
         return requested
     on_gpu = providers[0] in (TENSORRT, CUDA)
-    has_fp16 = all((bundle.path / variant_file(bundle.config["onnx"][m], "fp16")).is_file() for m in MODALITIES)
+    has_fp16 = all((bundle.path / bundle.config.onnx.file(m, "fp16")).is_file() for m in MODALITIES)
     return "fp16" if on_gpu and has_fp16 else "fp32"
 
 
@@ -95,7 +95,7 @@ class OnnxEncoder:
         self.bundle = bundle
         self.providers = select_providers(providers)
         self.variant = variant = choose_variant(variant, self.providers, bundle)
-        self.input_names = {**DEFAULT_INPUTS, **bundle.config["onnx"].get("inputs", {})}
+        self.input_names = {**DEFAULT_INPUTS, **bundle.config.onnx.inputs}
         self.output_names = ["embedding", "cluster_probs"] if bundle.has_clusters else ["embedding"]
         options = ort.SessionOptions()
         if intra_op_threads is not None:

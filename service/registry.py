@@ -46,10 +46,10 @@ class LoadedModel:
 
     def describe(self, active_id: str | None) -> dict:
         """What `GET /v1/models/{id}` shows."""
-        config = self.bundle.config
-        return {"id": self.model_id, "model_name": config["model_name"], "objective": self.bundle.objective,
-                "embed_dim": self.bundle.embed_dim, "num_clusters": self.bundle.num_clusters,
-                "context_length": config["context_length"], "image_size": config["image_size"],
+        bundle = self.bundle
+        return {"id": self.model_id, "model_name": bundle.config.model_name, "objective": bundle.objective,
+                "embed_dim": bundle.embed_dim, "num_clusters": bundle.num_clusters,
+                "context_length": bundle.tokenizer.context_length, "image_size": bundle.preprocess.image_size,
                 "path": str(self.bundle.path), "registered_at": self.registered_at,
                 "label_sets": sorted(self.bundle.label_sets), "active": self.model_id == active_id,
                 "providers": self.encoder.sessions["image"].get_providers()}
@@ -169,7 +169,7 @@ class ModelRegistry:
             return name
         if name in ACTIVE_ALIASES and self.active_id:
             return self.active_id
-        named = [m for m in self.models.values() if m.bundle.config["model_name"] == name]
+        named = [m for m in self.models.values() if m.bundle.config.model_name == name]
         if named:
             active = [m for m in named if m.model_id == self.active_id]
             return (active or sorted(named, key=lambda m: m.registered_at))[-1].model_id

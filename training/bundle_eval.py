@@ -24,6 +24,6 @@ def evaluate_bundle(bundle_dir: Path, data: str, split: str = "test", label_sets
 
     Zero-shot prompts: `templates` if given, else those the bundle was trained with (its config's `templates`)."""
     bundle, encoder, sets = open_bundle_eval(bundle_dir, data, split, variant)
-    templates = check_templates(templates or bundle.config.get("templates") or DEFAULT_TEMPLATES)
+    templates = check_templates(templates or bundle.config.templates or DEFAULT_TEMPLATES)
     return evaluate(encoder.encode_images, encoder.encode_texts, sets.eval_set, sets.probe_train, sets.label_sets,
                     templates, label_set_names=label_sets, seen_words=sets.seen_words)

@@ -71,7 +71,7 @@ def torch_encoder_from_bundle(bundle_dir) -> TorchEncoder:
     from training.model import DualEncoder, ModelConfig
 
     bundle = load_bundle(bundle_dir)
-    model = DualEncoder(ModelConfig.from_dict(bundle.config["architecture"]), eos_id=bundle.tokenizer.eos_id)
+    model = DualEncoder(ModelConfig.from_dict(bundle.config.architecture), eos_id=bundle.tokenizer.eos_id)
     model.load_state_dict(load_file(bundle.path / "model.safetensors"))
-    temp = bundle.config.get("cluster_temperature") or 1.0
+    temp = bundle.config.cluster_temperature or 1.0
     return TorchEncoder(model.eval(), bundle.tokenizer, bundle.preprocess, temp)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core import __version__
-from core.bundle import BUNDLE_FORMAT, load_bundle
+from core.bundle import BundleConfig, OnnxFiles, load_bundle
 from core.manifest import write_manifest
 from core.metrics import DEFAULT_TEMPLATES
 from core.preprocess import PreprocessConfig
@@ -92,23 +92,21 @@ def check_parity(encoder: ServedEncoder, onnx_path: Path, inputs: dict[str, np.n
     return report
 
 
-def bundle_config(model: DualEncoder, meta: dict, tokenizer: TextTokenizer, metrics: dict) -> dict:
+def bundle_config(model: DualEncoder, meta: dict, metrics: dict, parity: dict) -> BundleConfig:
     """config.json: everything a reader needs, so nothing is re-typed in index/ or service/."""
     cfg = model.config
     nclip = NClipConfig(**meta["train"].get("nclip", {}))
     scale = float(model.logit_scale.detach().exp()) if cfg.objective != "nclip" else 1.0 / nclip.student_temp
-    return {
-        "format": BUNDLE_FORMAT, "version": __version__, "model_name": f"{cfg.name}-{cfg.objective}",
-        "objective": cfg.objective, "embed_dim": cfg.retrieval_dim,
-        "num_clusters": cfg.cluster_head.num_clusters if cfg.has_clusters else 0,
-        "cluster_temperature": nclip.student_temp if cfg.has_clusters else None,
-        "logit_scale": scale, "context_length": tokenizer.context_length, "image_size": cfg.vision.image_size,
-        "architecture": cfg.to_dict(), "data_fingerprint": meta.get("data_fingerprint"), "metrics": metrics,
-        "templates": list(meta["train"].get("templates") or DEFAULT_TEMPLATES),
-        "training": meta["train"], "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "onnx": {"image": "image_encoder.onnx", "text": "text_encoder.onnx", "inputs": INPUT_NAMES,
-                 "outputs": output_names(model), "opset": ONNX_OPSET},
-    }
+    return BundleConfig(
+        model_name=f"{cfg.name}-{cfg.objective}", objective=cfg.objective, embed_dim=cfg.retrieval_dim,
+        num_clusters=cfg.cluster_head.num_clusters if cfg.has_clusters else 0, logit_scale=scale,
+        onnx=OnnxFiles(inputs=INPUT_NAMES, outputs=tuple(output_names(model)), opset=ONNX_OPSET),
+        cluster_temperature=nclip.student_temp if cfg.has_clusters else None,
+        templates=tuple(meta["train"].get("templates") or DEFAULT_TEMPLATES), architecture=cfg.to_dict(),
+        extra={"version": __version__, "data_fingerprint": meta.get("data_fingerprint"), "metrics": metrics,
+               "training": meta["train"], "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+               "parity": parity},
+    )
 
 
 def export_bundle(run_dir: Path, out_dir: Path, parity_texts: list[str] | None = None,
@@ -152,9 +150,8 @@ def _write_onnx(model, meta, tokenizer, preprocess, tmp: Path, texts, images) ->
 def _write_files(model, meta, tokenizer, preprocess, run_dir: Path, tmp: Path, report: dict) -> None:
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    config = bundle_config(model, meta, tokenizer, metrics)
-    config["parity"] = report
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    config = bundle_config(model, meta, metrics, report)
+    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     tokenizer.save(tmp / "tokenizer.json")
     preprocess.save(tmp / "preprocess.json")

@@ -4,6 +4,7 @@ zero-shot accuracy change, file sizes) stored under its name in config.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -16,7 +17,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core import data as datasets
-from core.bundle import MODALITIES, Bundle, load_bundle, variant_file
+from core.bundle import MODALITIES, Bundle, BundleConfig, load_bundle
 from core.manifest import write_manifest
 from core.metrics import DEFAULT_TEMPLATES
 from core.onnx_encoder import OnnxEncoder
@@ -66,8 +67,7 @@ def add_variant(bundle_dir: Path, data: str | None, variant: str) -> dict:
     bundle = load_bundle(bundle_dir)  # verify before touching it
     try:
         for modality in MODALITIES:
-            CONVERTERS[variant](bundle.onnx_path(modality),
-                                bundle_dir / variant_file(bundle.config["onnx"][modality], variant))
+            CONVERTERS[variant](bundle.onnx_path(modality), bundle_dir / bundle.config.onnx.file(modality, variant))
         write_manifest(bundle_dir)  # evaluate_bundle verifies the bundle, the new files included
         report = variant_report(bundle, data, variant)
     except BaseException:
@@ -83,7 +83,7 @@ def variant_report(bundle: Bundle, data: str | None, variant: str) -> dict:
     source, inputs = measurement_inputs(bundle, data)
     report = {
         **({"weight_type": WEIGHT_TYPE.name, "op_types": OP_TYPES} if variant == "int8" else {}),
-        "files": {m: variant_file(bundle.config["onnx"][m], variant) for m in MODALITIES},
+        "files": {m: bundle.config.onnx.file(m, variant) for m in MODALITIES},
         "bytes": {m: {v: bundle.onnx_path(m, v).stat().st_size for v in ("fp32", variant)} for m in MODALITIES},
         "inputs": {"source": source, **{m: len(x) for m, x in inputs.items()}},
         **embedding_agreement(bundle, inputs, variant),
@@ -140,18 +140,24 @@ def zeroshot_change(bundle_dir: Path, data: str, split: str | None, variant: str
 
 def _store_report(bundle_dir: Path, report: dict, variant: str = "int8") -> None:
     """config.json gets the report under the variant's name; the manifest is rewritten so the bundle verifies."""
-    config_path = bundle_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    config[variant] = report
-    config_path.write_text(json.dumps(config, indent=1))
+    config = _read_config(bundle_dir)
+    _write_config(bundle_dir, dataclasses.replace(config, extra={**config.extra, variant: report}))
     write_manifest(bundle_dir)
 
 
-def _remove_variant(bundle_dir: Path, config: dict, variant: str) -> None:
+def _remove_variant(bundle_dir: Path, config: BundleConfig, variant: str) -> None:
     """Undo a failed run: drop the variant's files and any old report, leaving a verifying fp32 bundle."""
     for modality in MODALITIES:
-        (bundle_dir / variant_file(config["onnx"][modality], variant)).unlink(missing_ok=True)
-    if variant in config:
-        config_path = bundle_dir / "config.json"
-        config_path.write_text(json.dumps({k: v for k, v in config.items() if k != variant}, indent=1))
+        (bundle_dir / config.onnx.file(modality, variant)).unlink(missing_ok=True)
+    if variant in config.extra:
+        extra = {k: v for k, v in config.extra.items() if k != variant}
+        _write_config(bundle_dir, dataclasses.replace(config, extra=extra))
     write_manifest(bundle_dir)
+
+
+def _read_config(bundle_dir: Path) -> BundleConfig:
+    return BundleConfig.from_dict(json.loads((bundle_dir / "config.json").read_text()))
+
+
+def _write_config(bundle_dir: Path, config: BundleConfig) -> None:
+    (bundle_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))

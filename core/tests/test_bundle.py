@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.bundle import Bundle, BundleError, BundleIntegrityError, load_bundle
+from core.bundle import Bundle, BundleConfig, BundleError, BundleIntegrityError, load_bundle
 from core.manifest import write_manifest
 from core.preprocess import PreprocessConfig
 from core.tokenizer import train_tokenizer
@@ -17,18 +17,16 @@ LABEL_SETS = {"category": ["smileys", "animals", "food"], "color": ["red", "gree
 CORPUS = ["grinning face", "red apple", "green apple", "smiling cat", "dog face"] * 4
 
 
-def make_config(objective="clip", embed_dim=8, num_clusters=0, context_length=10, image_size=16) -> dict:
-    """A config.json as the exporter writes it."""
+def make_config(objective="clip", embed_dim=8, num_clusters=0) -> dict:
+    """A config.json as the exporter writes it (format /2: no copy of the context length or image size)."""
     return {
-        "format": "xclip-bundle/1",
+        "format": "xclip-bundle/2",
         "version": "0.1.0",
         "model_name": "tiny-test",
         "objective": objective,
         "embed_dim": embed_dim,
         "num_clusters": num_clusters,
         "logit_scale": 100.0,
-        "context_length": context_length,
-        "image_size": image_size,
         "architecture": {"width": 4},
         "data_fingerprint": "abc",
         "metrics": {},
@@ -42,7 +40,8 @@ def make_config(objective="clip", embed_dim=8, num_clusters=0, context_length=10
     }
 
 
-def make_bundle(root: Path, onnx_files: dict[str, bytes] | None = None, **config_overrides) -> Path:
+def make_bundle(root: Path, onnx_files: dict[str, bytes] | None = None, context_length: int = 10,
+                image_size: int = 16, **config_overrides) -> Path:
     """Write a complete bundle directory (manifest included) under `root`; returns its path."""
     config = make_config(**config_overrides)
     bundle_dir = Path(root) / "bundle"
@@ -50,8 +49,8 @@ def make_bundle(root: Path, onnx_files: dict[str, bytes] | None = None, **config
     (bundle_dir / "config.json").write_text(json.dumps(config))
     (bundle_dir / "model.safetensors").write_bytes(b"\0" * 64)
     (bundle_dir / "label_sets.json").write_text(json.dumps(LABEL_SETS))
-    PreprocessConfig(image_size=config["image_size"]).save(bundle_dir / "preprocess.json")
-    train_tokenizer(CORPUS, vocab_size=300, context_length=config["context_length"]).save(
+    PreprocessConfig(image_size=image_size).save(bundle_dir / "preprocess.json")
+    train_tokenizer(CORPUS, vocab_size=300, context_length=context_length).save(
         bundle_dir / "tokenizer.json"
     )
     files = onnx_files or {"image_encoder.onnx": b"not really onnx", "text_encoder.onnx": b"nor this"}
@@ -126,11 +125,14 @@ def test_missing_directory(tmp_path):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"format": "xclip-bundle/2"}, "unknown bundle format"),
+        ({"format": "xclip-bundle/3"}, "unknown bundle format"),
         ({"objective": "siglip"}, "unknown objective"),
         ({"embed_dim": "8"}, "'embed_dim' is missing"),
-        ({"context_length": 77}, "context_length 77"),
-        ({"image_size": 224}, "image_size 224"),
+        ({"logit_scale": 0}, "logit_scale must be > 0"),
+        ({"templates": ["ok {}", 3]}, "'templates' must be"),
+        ({"onnx": {"image": "image_encoder.onnx"}}, "'onnx' must name"),
+        ({"format": "xclip-bundle/1", "context_length": 77}, "context_length 77"),
+        ({"format": "xclip-bundle/1", "image_size": 224}, "image_size 224"),
     ],
 )
 def test_bad_config_is_refused(tmp_path, changes, message):
@@ -142,3 +144,19 @@ def test_bad_config_is_refused(tmp_path, changes, message):
 
 def test_bundle_errors_are_value_errors():
     assert issubclass(BundleError, ValueError) and issubclass(BundleIntegrityError, BundleError)
+
+
+def test_a_format_1_bundle_still_loads_and_its_repeated_sizes_are_checked_not_kept(tmp_path):
+    bundle_dir = make_bundle(tmp_path)
+    rewrite_config(bundle_dir, format="xclip-bundle/1", context_length=10, image_size=16)
+    bundle = load_bundle(bundle_dir)
+    assert bundle.tokenizer.context_length == 10 and bundle.preprocess.image_size == 16
+    assert "context_length" not in bundle.config.to_dict() and "image_size" not in bundle.config.extra
+
+
+def test_the_typed_config_round_trips_through_json(tmp_path):
+    bundle = load_bundle(make_bundle(tmp_path, objective="xclip", num_clusters=5))
+    again = BundleConfig.from_dict(json.loads(json.dumps(bundle.config.to_dict())))
+    assert again == bundle.config
+    assert again.to_dict()["format"] == "xclip-bundle/2" and again.extra["data_fingerprint"] == "abc"
+    assert again.onnx.file("image", "int8") == "image_encoder.int8.onnx"

@@ -229,10 +229,10 @@ def test_cuda_unavailable_is_a_clear_error(monkeypatch):
 def test_variant_choice_prefers_fp16_on_gpus_only(tmp_path, requested, providers, has_fp16, expected):
     from types import SimpleNamespace
 
+    from core.bundle import OnnxFiles
     from core.onnx_encoder import choose_variant
 
-    bundle = SimpleNamespace(path=tmp_path, config={"onnx": {"image": "image_encoder.onnx",
-                                                               "text": "text_encoder.onnx"}})
+    bundle = SimpleNamespace(path=tmp_path, config=SimpleNamespace(onnx=OnnxFiles()))
 
     if has_fp16:
         for name in ("image_encoder.fp16.onnx", "text_encoder.fp16.onnx"):

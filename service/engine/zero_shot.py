@@ -62,7 +62,7 @@ class ZeroShot:
             else:
                 raise NotFoundError(f"label set {label_set!r} is neither the model's nor created via the API",
                                     "label_set")
-        templates = templates or model.bundle.config.get("templates") or DEFAULT_TEMPLATES
+        templates = templates or model.bundle.config.templates or DEFAULT_TEMPLATES
         return list(labels), checked_templates(templates, param)
 
     async def class_embeddings(self, model: LoadedModel, labels: list[str], templates: list[str]) -> np.ndarray:

@@ -60,7 +60,7 @@ def test_classify_is_softmax_of_scaled_cosines_to_ensembled_labels(engine):
 
 def test_classify_prompts_default_to_the_bundles_own_templates(engine):
     model = engine.registry.active
-    assert engine.zero_shot.resolve_labels(model, ["red"], None, None)[1] == model.bundle.config["templates"]
+    assert engine.zero_shot.resolve_labels(model, ["red"], None, None)[1] == list(model.bundle.config.templates)
     assert engine.zero_shot.resolve_labels(model, ["red"], None, ["the {}"])[1] == ["the {}"]  # a request's own win
 
 

@@ -54,7 +54,7 @@ def test_bundle_has_every_file_and_a_complete_config(bundle_dir):
     bundle = load_bundle(bundle_dir)
     assert (bundle.objective, bundle.embed_dim, bundle.num_clusters) == ("xclip", 32, 64)
     assert bundle.logit_scale > 0
-    assert all(bundle.config["parity"][m]["passed"] for m in ("image", "text"))
+    assert all(bundle.config.extra["parity"][m]["passed"] for m in ("image", "text"))
 
 
 def test_onnx_matches_torch_on_real_data(bundle_dir, run_dir, shapes_data):
@@ -127,8 +127,8 @@ def test_conv_stem_and_batchnorm_head_export_with_parity(shapes_data, tmp_path):
     (tmp_path / "tiny-conv.json").write_text(json.dumps(arch))
     run = train_run(shapes_data, tmp_path / "run", "xclip", model=str(tmp_path / "tiny-conv.json"))
     bundle = load_bundle(export_run(run, shapes_data, tmp_path / "bundle"))
-    assert bundle.config["architecture"]["vision"]["stem"] == "conv"
-    assert all(bundle.config["parity"][m]["passed"] for m in ("image", "text"))
+    assert bundle.config.architecture["vision"]["stem"] == "conv"
+    assert all(bundle.config.extra["parity"][m]["passed"] for m in ("image", "text"))
     torch_encoder = torch_encoder_from_bundle(bundle.path)
     onnx_encoder = OnnxEncoder(bundle, providers="cpu")
     images = [s.image for s in datasets.load_samples(str(shapes_data))[0]]
@@ -155,7 +155,7 @@ def test_objective_decides_the_outputs(objective, shapes_data, tmp_path):
 def test_int8_variant_is_close_to_fp32_and_verifies(bundle_copy, shapes_data):
     report = quantize.add_int8_variant(bundle_copy, str(shapes_data))
     bundle = load_bundle(bundle_copy)
-    assert bundle.config["int8"] == json.loads(json.dumps(report))
+    assert bundle.config.extra["int8"] == json.loads(json.dumps(report))
     for modality in ("image", "text"):
         assert bundle.onnx_path(modality, "int8").is_file()
         assert report["bytes"][modality]["int8"] < report["bytes"][modality]["fp32"]
@@ -177,7 +177,7 @@ def test_int8_variant_without_data_uses_random_inputs(bundle_copy):
 def test_fp16_variant_for_gpus_is_close_to_fp32_and_verifies(bundle_copy, shapes_data):
     report = quantize.add_fp16_variant(bundle_copy, str(shapes_data))
     bundle = load_bundle(bundle_copy)
-    assert bundle.config["fp16"] == json.loads(json.dumps(report))
+    assert bundle.config.extra["fp16"] == json.loads(json.dumps(report))
     for modality in ("image", "text"):
         # observed 0.66 on the tiny model (graph overhead); weights are half the size
         assert report["bytes"][modality]["fp16"] < 0.75 * report["bytes"][modality]["fp32"]
@@ -228,7 +228,7 @@ def test_eval_splits_retrieval_by_words_the_training_captions_never_had(bundle_d
 def test_the_bundle_records_its_training_templates_and_eval_uses_them(shapes_data, tmp_path, monkeypatch):
     run = train_run(shapes_data, tmp_path / "run", "clip", templates=["a {} icon", "{}, drawn"])
     bundle = export_run(run, shapes_data, tmp_path / "bundle")
-    assert load_bundle(bundle).config["templates"] == ["a {} icon", "{}, drawn"]
+    assert load_bundle(bundle).config.templates == ("a {} icon", "{}, drawn")
     used = []
     monkeypatch.setattr(bundle_eval, "evaluate", lambda *args, **kwargs: used.append(list(args[5])) or {})
     bundle_eval.evaluate_bundle(bundle, str(shapes_data))
