@@ -457,7 +457,7 @@ def _csv_sample(row: dict, root: Path, where: str, split: str | None) -> Sample 
 def _csv_record(row: dict, where: str) -> dict:
     """A CSV row in the captions.jsonl record shape."""
     cells = [value for value in row.values() if isinstance(value, str)]
-    if any(_has_undecodable_bytes(cell) for cell in cells):
+    if any(has_surrogates(cell) for cell in cells):
         raise _Rejected("bad_encoding", where)
     labels = {
         name[len(CSV_LABEL_PREFIX) :]: value
@@ -480,8 +480,9 @@ def _csv_rows(path: Path) -> Iterator[dict]:
             yield row
 
 
-def _has_undecodable_bytes(text: str) -> bool:
-    """True when `text` holds surrogate escapes left by bytes that were not UTF-8."""
+def has_surrogates(text: str) -> bool:
+    """True when `text` holds UTF-16 surrogate code points: escapes left by bytes that were not UTF-8, or lone
+    surrogates from a JSON `\\uD800` escape; neither is valid Unicode nor encodable as UTF-8."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

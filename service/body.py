@@ -9,8 +9,8 @@ import re
 
 from fastapi import Request
 
+from core.data import has_surrogates
 from service.errors import BadRequestError, InvalidInputError, ServiceError
-from service.inputs import has_lone_surrogate
 
 SURROGATE_ESCAPE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
 
@@ -64,11 +64,11 @@ def _surrogate_path(data: object) -> str | None:
     while stack:
         value, path = stack.pop()
         if isinstance(value, str):
-            if has_lone_surrogate(value):
+            if has_surrogates(value):
                 return path
         elif isinstance(value, dict):
             for key, child in value.items():
-                if has_lone_surrogate(key):
+                if has_surrogates(key):
                     return path
                 stack.append((child, key if path == "body" else f"{path}.{key}"))
         elif isinstance(value, list):

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import httpx
 from PIL import Image
 
+from core.data import has_surrogates
 from core.preprocess import ImageDecodeError, decode_for_model
 from service.errors import BadRequestError, InvalidInputError, OverloadedError, PayloadTooLargeError
 from service.settings import Settings
@@ -126,10 +127,6 @@ class InputDecoder:
         except ImageDecodeError as err:
             raise InvalidInputError(f"{param}: {_pillow_message(err)}", param) from err
 
-    def image_from_bytes(self, data: bytes, param: str, image_size: int = 224) -> Image.Image:
-        """Open and decode in one blocking call (tests and offline callers)."""
-        return self.decode(self.open_image(data, param), param, image_size)
-
     def image_bytes_from_string(self, value: str, param: str) -> bytes:
         """Bytes of an image given as base64, a data URI, or (when enabled) an http(s) URL (blocking)."""
         if not isinstance(value, str) or not value.strip():
@@ -145,10 +142,6 @@ class InputDecoder:
         except (binascii.Error, ValueError) as err:
             raise InvalidInputError(f"{param}: invalid base64: {err}", param) from err
 
-    def image_from_string(self, value: str, param: str, image_size: int = 224) -> Image.Image:
-        """A decoded image from base64 / data URI / URL (blocking)."""
-        return self.image_from_bytes(self.image_bytes_from_string(value, param), param, image_size)
-
     def check_text(self, text: object, param: str) -> str:
         """A non-empty string of valid Unicode (no lone surrogate) within the character limit."""
         if not isinstance(text, str):
@@ -158,7 +151,7 @@ class InputDecoder:
         if len(text) > self.settings.max_text_chars:
             raise PayloadTooLargeError(
                 f"{param}: text has {len(text)} characters, the limit is {self.settings.max_text_chars}", param)
-        if not text.isascii() and has_lone_surrogate(text):
+        if not text.isascii() and has_surrogates(text):
             raise InvalidInputError(f"{param}: text contains a lone UTF-16 surrogate, which is not valid "
                                     "Unicode", param)
         return text
@@ -192,15 +185,6 @@ class InputDecoder:
                 return _read_limited(response, limit, param)
         except httpx.HTTPError as err:
             raise InvalidInputError(f"{param}: cannot fetch {host}: {err}", param) from err
-
-
-def has_lone_surrogate(text: str) -> bool:
-    """True when `text` holds a UTF-16 surrogate code point (legal in JSON escapes, not encodable as UTF-8)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _pillow_message(err: Exception) -> str:

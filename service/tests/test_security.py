@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -94,10 +95,15 @@ def decoder():
                                  max_text_chars=20, max_items=3))
 
 
+def decode(decoder: InputDecoder, source: str | bytes, param: str):
+    """One image through the service's decode path (header checks, then a worker thread)."""
+    return asyncio.run(decoder.image(source, param, image_size=8))
+
+
 def test_images_decode_from_base64_and_data_uris(decoder):
     raw = base64.b64encode(png()).decode()
-    assert decoder.image_from_string(raw, "image").size == (8, 8)
-    assert decoder.image_from_string("data:image/png;base64," + raw, "image").size == (8, 8)
+    assert decode(decoder, raw, "image").size == (8, 8)
+    assert decode(decoder, "data:image/png;base64," + raw, "image").size == (8, 8)
 
 
 @pytest.mark.parametrize("value, error, fragment", [
@@ -108,18 +114,18 @@ def test_images_decode_from_base64_and_data_uris(decoder):
 ])
 def test_bad_images_name_the_field(decoder, value, error, fragment):
     with pytest.raises(error, match=fragment) as info:
-        decoder.image_from_string(value, "input[2]")
+        decode(decoder, value, "input[2]")
     assert info.value.param == "input[2]"
 
 
 def test_decompression_bomb_is_refused_from_the_header(decoder):
     with pytest.raises(PayloadTooLargeError, match="pixels"):
-        decoder.image_from_bytes(png((100, 100)), "files[0]")
+        decode(decoder, png((100, 100)), "files[0]")
 
 
 def test_oversize_image_bytes_are_refused(decoder):
     with pytest.raises(PayloadTooLargeError, match="bytes"):
-        decoder.image_from_bytes(b"\x89PNG" + b"0" * 5000, "files[0]")
+        decode(decoder, b"\x89PNG" + b"0" * 5000, "files[0]")
 
 
 def test_text_and_count_limits(decoder):
