@@ -16,14 +16,9 @@ SURROGATE_ESCAPE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
 
 
 async def read_json(request: Request) -> object:
-    """The body parsed as JSON whatever its content type; 400 when it is not JSON."""
-    return parse_json(await request.body())
-
-
-def parse_json(body: bytes) -> object:
-    """`body` as JSON; BadRequestError (400) naming `body` when it does not parse."""
+    """The body parsed as JSON whatever its content type; BadRequestError (400) naming `body` when it is not."""
     try:
-        return json.loads(body)
+        return json.loads(await request.body())
     except (ValueError, RecursionError) as err:
         raise BadRequestError(f"body: invalid JSON: {err}", "body") from err
 

@@ -84,17 +84,16 @@ class Engine:
 
     @staticmethod
     def check_token_lengths(model: LoadedModel, texts: list[str], truncate: bool, param: str,
-                            single: bool = False) -> list[int]:
+                            names: list[str] | None = None, hint: str = "; pass truncate=true to cut it") -> list[int]:
         """Token counts. The one rule for texts over the model's context: 413 naming the text (`param[i]`, or
-        `param` for a `single` text), unless the caller asked to `truncate` (the tokenizer cuts at the context)."""
+        its entry of `names`), unless the caller asked to `truncate` (the tokenizer cuts at the context)."""
         counts = model.bundle.tokenizer.token_counts(texts)
         context = model.bundle.tokenizer.context_length
-        too_long = [i for i, n in enumerate(counts) if n > context]
-        if too_long and not truncate:
-            where = param if single else f"{param}[{too_long[0]}]"
+        too_long = next((i for i, n in enumerate(counts) if n > context), None)
+        if too_long is not None and not truncate:
+            where = names[too_long] if names is not None else f"{param}[{too_long}]"
             raise PayloadTooLargeError(
-                f"{where} has {counts[too_long[0]]} tokens, the model's context is {context}; "
-                "pass truncate=true to cut it", where)
+                f"{where} has {counts[too_long]} tokens, the model's context is {context}{hint}", where)
         return counts
 
     async def close(self) -> None:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from service.body import read_json, validation_error
 from service.deps import READ, WRITE, DecoderDep, EngineDep
-from service.errors import InvalidInputError, PayloadTooLargeError
+from service.errors import InvalidInputError
 from service.routers.embeddings import top_clusters
 from service.schemas import (
     ERRORS,
@@ -55,13 +55,9 @@ async def classify(request: Request, engine: EngineDep, decoder: DecoderDep) -> 
 
 def _check_prompt_lengths(engine, model, labels: list[str], templates: list[str]) -> None:
     """Every label in every template within the model's context (413 naming the label otherwise)."""
-    counts = engine.check_token_lengths(model, engine.zero_shot.prompts(labels, templates), True, "labels")
-    context = model.bundle.tokenizer.context_length
-    too_long = next((i for i, n in enumerate(counts) if n > context), None)
-    if too_long is not None:
-        label = too_long // len(templates)
-        raise PayloadTooLargeError(f"labels[{label}] in its prompt template has {counts[too_long]} tokens, the "
-                                   f"model's context is {context}", f"labels[{label}]")
+    prompts = engine.zero_shot.prompts(labels, templates)  # label-major
+    names = [f"labels[{i // len(templates)}]" for i in range(len(prompts))]
+    engine.check_token_lengths(model, prompts, False, "labels", names, hint=" (the label in its prompt template)")
 
 
 def _pick(labels: list[str], probs: np.ndarray, cosines: np.ndarray, body: ClassifyOptions) -> list[LabelScore]:

@@ -88,11 +88,11 @@ async def _new_items(items_in: list, engine, name: str, decoder) -> list[NewItem
             items.append(NewItem(item.id, item.metadata, image=decoded[i][0], decoded=decoded[i][1]))
         else:
             items.append(NewItem(item.id, item.metadata, vector=np.asarray(item.vector, np.float32)))
-    texts = [(i, it.text) for i, it in enumerate(items) if it.text is not None]
-    if texts:
+    rows = [i for i, it in enumerate(items) if it.text is not None]
+    if rows:
         model = engine.collections.model_of(engine.collections.get(name))
-        for i, text in texts:
-            engine.check_token_lengths(model, [text], False, f"items[{i}].text", single=True)
+        engine.check_token_lengths(model, [items[i].text for i in rows], False, "items",
+                                   [f"items[{i}].text" for i in rows])
     return items
 
 
@@ -147,7 +147,7 @@ async def _query(body: SearchRequest, engine, name: str, decoder) -> SearchQuery
     if body.text is not None:
         text = decoder.check_text(body.text, "text")
         model = engine.collections.model_of(engine.collections.get(name))
-        engine.check_token_lengths(model, [text], body.truncate, "text", single=True)
+        engine.check_token_lengths(model, [text], body.truncate, "text", ["text"])
         return SearchQuery(text=text)
     if body.image is not None:
         return SearchQuery(image=await decoder.image(body.image, "image", engine.collections.image_size(name)))
