@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import ctypes
+import functools
 import io
 import ipaddress
 import re
@@ -97,7 +98,7 @@ class InputDecoder:
             self._inflight_pixels -= pixels
             if not self._inflight_pixels and self._peak_since_trim >= TRIM_AFTER_PIXELS:
                 self._peak_since_trim = 0
-                release_free_memory()
+                asyncio.get_running_loop().run_in_executor(None, release_free_memory)  # walks the heap: off-loop
 
     def open_image(self, data: bytes, param: str) -> Image.Image:
         """The image opened from its header; refuses oversize payloads and decompression bombs (413) and what
@@ -193,12 +194,19 @@ def _pillow_message(err: Exception) -> str:
     return message.replace("cannot identify image file the data", "not a recognised image format")
 
 
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def release_free_memory() -> None:
     """Hand freed heap back to the OS after a decode spike (glibc keeps it otherwise); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _read_limited(response: httpx.Response, limit: int, param: str) -> bytes:
