@@ -69,7 +69,7 @@ class ZeroShot:
         """Prompt-ensembled (C, D) label embeddings, cached per model."""
         key = (tuple(labels), tuple(templates))
         if key not in model.label_cache:
-            prompts = [t.format(name) for name in labels for t in templates]
+            prompts = self.prompts(labels, templates)
             emb = (await self.encode(model, "text", prompts))["embedding"]
             lookup = dict(zip(prompts, emb, strict=True))
             model.label_cache[key] = ensemble_class_embeddings(
