@@ -17,15 +17,15 @@ import torch
 
 from bench.report import markdown_table, write_section
 from training.losses import NClipConfig, ObjectiveLoss
-from training.model import DualEncoder, load_config
+from training.model import create_model
 from training.perf import measure_matmul_peak
 
 
 def samples_per_second(config: str, precision: str, batch: int, steps: int) -> float:
     """Training steps (forward, xCLIP loss, backward, AdamW) per second × batch, after one warm-up step."""
     torch.manual_seed(0)
-    cfg = load_config(config)
-    model = DualEncoder(cfg)
+    model = create_model(config)
+    cfg = model.config
     loss_fn = ObjectiveLoss(cfg.objective, NClipConfig(), cfg.cluster_head.num_clusters)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size)

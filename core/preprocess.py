@@ -18,11 +18,17 @@ from PIL import Image, ImageOps
 MAX_IMAGE_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-RESIZE_MODES = ("squash", "shortest_center_crop", "longest_pad")
+# squash: both sides to the input size (SigLIP). shortest_center_crop: the largest centred square, then resized.
+# resize_center_crop: shorter side to `resize_size`, then the centred input-size square (transformers'
+# CLIPImageProcessor and torchvision's Resize + CenterCrop, which OpenAI CLIP and OpenCLIP use). longest_pad: the
+# whole image, padded to a square with the background colour (our trained models).
+RESIZE_MODES = ("squash", "shortest_center_crop", "resize_center_crop", "longest_pad")
 # An image whose shorter side is at least this many times the input size is first box-reduced by an integer
-# factor (Pillow's `reduce`) and then resized: Pillow's own `reducing_gap` guidance, 3 being indistinguishable
-# from resizing the full image in practice. Reduction is idempotent, so a caller may reduce early to free memory
-# (the service does, right after decoding) and `resize` gives the same input either way.
+# factor (Pillow's `reduce`) and then resized: Pillow's own `reducing_gap` guidance, close to resizing the full
+# image for photos, though not equal (up to 0.1 in normalised units on high-frequency content). Reduction is
+# idempotent, so a caller may reduce early to free memory (the service does, right after decoding) and `resize`
+# gives the same input either way. Imported checkpoints set `reducing_gap` to None: their input must equal their
+# reference processor's, which resizes the full image.
 REDUCING_GAP = 3
 
 
@@ -40,12 +46,20 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this colour
     interpolation: str = "bicubic"
+    resize_size: int | None = None  # resize_center_crop: the shorter side before the crop (None: image_size)
+    reducing_gap: int | None = REDUCING_GAP  # None: always resize the full decoded image (exact, slower)
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ValueError(f"resize_size must be >= image_size ({self.image_size}), got {self.resize_size}")
+        if self.reducing_gap is not None and self.reducing_gap < 2:
+            raise ValueError(f"reducing_gap must be >= 2 or null, got {self.reducing_gap}")
+        if self.interpolation.upper() not in Image.Resampling.__members__:
+            raise ValueError(f"interpolation must be a Pillow resampling filter, got {self.interpolation!r}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         object.__setattr__(self, "background", tuple(int(c) for c in self.background))
@@ -83,21 +97,24 @@ def load_image(source: bytes | str | Path | Image.Image,
     return to_rgb(image, background)
 
 
-def reduce_for(image: Image.Image, image_size: int) -> Image.Image:
-    """The image box-reduced by the largest integer factor that keeps its shorter side ≥ REDUCING_GAP × the input
-    size (unchanged when that factor is 1); idempotent."""
-    factor = min(image.size) // (REDUCING_GAP * image_size)
+def reduce_for(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """The image box-reduced by the largest integer factor that keeps its shorter side ≥ the config's reducing gap
+    × the input size (unchanged when that factor is 1 or the config has no reducing gap); idempotent."""
+    if config.reducing_gap is None:
+        return image
+    factor = min(image.size) // (config.reducing_gap * config.image_size)
     return image.reduce(factor) if factor >= 2 else image
 
 
-def decode_for_model(image: Image.Image, image_size: int,
-                     background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+def decode_for_model(image: Image.Image, config: PreprocessConfig) -> Image.Image:
     """Decode an opened (lazy) image no larger than the model needs: JPEG at a reduced DCT scale (`draft`) that
-    keeps both sides ≥ REDUCING_GAP × the input size, then `reduce_for`; the peak is the decoded size, held once."""
-    target = REDUCING_GAP * image_size
-    if image.format == "JPEG" and min(image.size) >= 2 * target:
-        image.draft("RGB", (target, target))
-    return reduce_for(load_image(image, background), image_size)
+    keeps both sides ≥ the reducing gap × the input size, then `reduce_for`; the peak is the decoded size, held
+    once. Without a reducing gap the image is decoded whole."""
+    if config.reducing_gap is not None:
+        target = config.reducing_gap * config.image_size
+        if image.format == "JPEG" and min(image.size) >= 2 * target:
+            image.draft("RGB", (target, target))
+    return reduce_for(load_image(image, config.background), config)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -116,14 +133,31 @@ def resize(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Resize an RGB image to the square encoder input; (H, W, 3) uint8."""
     size = config.image_size
     method = Image.Resampling[config.interpolation.upper()]
-    image = reduce_for(to_rgb(image, config.background), size)
+    image = reduce_for(to_rgb(image, config.background), config)
     if config.resize_mode == "squash":
         out = image.resize((size, size), method)
     elif config.resize_mode == "shortest_center_crop":
         out = ImageOps.fit(image, (size, size), method=method)
+    elif config.resize_mode == "resize_center_crop":
+        out = _center_crop(image.resize(_shorter_side_to(image.size, config.resize_size or size), method), size)
     else:  # longest_pad: whole image visible, padded with the background colour
         out = ImageOps.pad(image, (size, size), method=method, color=config.background)
     return np.asarray(out, dtype=np.uint8)
+
+
+def _shorter_side_to(size: tuple[int, int], short: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `short` and the longer one scaled and truncated, as transformers and
+    torchvision compute it."""
+    width, height = size
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centred `size` square, its offsets rounded down (transformers' `center_crop`)."""
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def normalize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:

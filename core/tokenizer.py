@@ -1,7 +1,8 @@
-"""Text tokenization: the one byte-level BPE code path for training, export, index building and serving.
+"""Text tokenization: the one code path for training, export, index building and serving.
 
 Everything that affects encoding (normalisation, special tokens, truncation, padding) lives inside
-`tokenizer.json`, so the saved file alone reproduces the ids seen at training time.
+`tokenizer.json`, so the saved file alone reproduces the ids seen at training time: our own byte-level BPE, or
+an imported checkpoint's tokenizer (CLIP's BPE, SigLIP's SentencePiece) with fixed-length encoding added.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # registered first, so their ids are 0, 1, 2
+EOS_TOKENS = (EOS, "<|endoftext|>")  # ours and SigLIP's; OpenAI CLIP's
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int) -> TextTokenizer:
@@ -41,12 +43,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int) 
 
 def _configure_encoding(tokenizer: Tokenizer, context_length: int) -> None:
     """Add `<s> $A </s>`, truncation (which leaves room for the specials) and fixed-length padding."""
-    bos_id, eos_id, pad_id = (tokenizer.token_to_id(t) for t in (BOS, EOS, PAD))
+    bos_id, eos_id = (tokenizer.token_to_id(t) for t in (BOS, EOS))
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, bos_id), (EOS, eos_id)]
     )
+    fix_length(tokenizer, context_length, PAD)
+
+
+def fix_length(tokenizer: Tokenizer, context_length: int, pad_token: str) -> Tokenizer:
+    """Make `tokenizer` encode to exactly `context_length` ids: truncated (its post-processor's specials kept) and
+    padded with `pad_token`; returns it."""
+    pad_id = tokenizer.token_to_id(pad_token)
+    if pad_id is None:
+        raise ValueError(f"the tokenizer has no padding token {pad_token!r}")
     tokenizer.enable_truncation(max_length=context_length)
-    tokenizer.enable_padding(length=context_length, pad_id=pad_id, pad_token=PAD)
+    tokenizer.enable_padding(length=context_length, pad_id=pad_id, pad_token=pad_token)
+    return tokenizer
 
 
 class TextTokenizer:
@@ -55,9 +67,10 @@ class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer):
         if tokenizer.truncation is None or tokenizer.padding is None or tokenizer.padding["length"] is None:
             raise ValueError("tokenizer.json must enable truncation and fixed-length padding")
-        if tokenizer.token_to_id(PAD) is None or tokenizer.token_to_id(EOS) is None:
-            raise ValueError(f"tokenizer.json must define {PAD} and {EOS}")
-        self._tokenizer = tokenizer
+        eos_ids = [i for t in EOS_TOKENS if (i := tokenizer.token_to_id(t)) is not None]
+        if not eos_ids:
+            raise ValueError(f"tokenizer.json must define an end-of-text token, one of {EOS_TOKENS}")
+        self._tokenizer, self._eos_id = tokenizer, eos_ids[0]
         self._counter = Tokenizer.from_str(tokenizer.to_str())  # same pipeline, no truncation/padding
         self._counter.no_truncation()
         self._counter.no_padding()
@@ -81,14 +94,15 @@ class TextTokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self._tokenizer.token_to_id(PAD)
+        return int(self._tokenizer.padding["pad_id"])
 
     @property
     def eos_id(self) -> int:
-        return self._tokenizer.token_to_id(EOS)
+        return self._eos_id
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Token ids, (B, context_length) int64: `<s> ... </s>` truncated then padded with `pad_id`."""
+        """Token ids, (B, context_length) int64: the text between its specials (`<s> ... </s>`), truncated, then
+        padded with `pad_id`."""
         if not texts:
             return np.zeros((0, self.context_length), np.int64)
         encodings = self._tokenizer.encode_batch(list(texts))

@@ -24,7 +24,7 @@ import httpx
 from PIL import Image
 
 from core.data import has_surrogates
-from core.preprocess import ImageDecodeError, decode_for_model
+from core.preprocess import ImageDecodeError, PreprocessConfig, decode_for_model
 from service.errors import BadRequestError, InvalidInputError, OverloadedError, PayloadTooLargeError
 from service.settings import Settings
 
@@ -46,15 +46,15 @@ class InputDecoder:
         self._inflight_pixels = 0  # touched on the event loop only
         self._peak_since_trim = 0
 
-    async def images(self, sources: Sequence[str | bytes], param: str, image_size: int) -> list[Image.Image]:
+    async def images(self, sources: Sequence[str | bytes], param: str, preprocess: PreprocessConfig) -> list[Image.Image]:
         """Decoded RGB images from base64 / data URIs / URLs (str) or encoded bytes; errors name `param[i]`."""
-        return [image for _, image in await self.images_with_bytes(sources, param, image_size)]
+        return [image for _, image in await self.images_with_bytes(sources, param, preprocess)]
 
-    async def image(self, source: str | bytes, param: str, image_size: int) -> Image.Image:
+    async def image(self, source: str | bytes, param: str, preprocess: PreprocessConfig) -> Image.Image:
         """One decoded image; errors name `param`."""
-        return (await self.images_with_bytes([source], param, image_size, names=[param]))[0][1]
+        return (await self.images_with_bytes([source], param, preprocess, names=[param]))[0][1]
 
-    async def images_with_bytes(self, sources: Sequence[str | bytes], param: str, image_size: int,
+    async def images_with_bytes(self, sources: Sequence[str | bytes], param: str, preprocess: PreprocessConfig,
                                 names: list[str] | None = None) -> list[tuple[bytes, Image.Image]]:
         """(encoded bytes, decoded image) per source, for callers that keep the bytes (collection items);
         `names` are the fields errors name (default `param[i]`)."""
@@ -63,7 +63,7 @@ class InputDecoder:
         pixels = sum(image.size[0] * image.size[1] for _, image in opened)
         self._check_request_pixels(pixels, param)
         with self._reserve(pixels, param):
-            return await asyncio.to_thread(self._decode_all, opened, names, image_size)
+            return await asyncio.to_thread(self._decode_all, opened, names, preprocess)
 
     def _open_all(self, sources: list, names: list[str]) -> list[tuple[bytes, Image.Image]]:
         """Bytes and header-opened images (no pixel decoded yet)."""
@@ -73,8 +73,8 @@ class InputDecoder:
             opened.append((data, self.open_image(data, name)))
         return opened
 
-    def _decode_all(self, opened: list, names: list[str], image_size: int) -> list[tuple[bytes, Image.Image]]:
-        return [(data, self.decode(image, name, image_size))
+    def _decode_all(self, opened: list, names: list[str], preprocess: PreprocessConfig) -> list[tuple[bytes, Image.Image]]:
+        return [(data, self.decode(image, name, preprocess))
                 for (data, image), name in zip(opened, names, strict=True)]
 
     def _check_request_pixels(self, pixels: int, param: str) -> None:
@@ -121,10 +121,11 @@ class InputDecoder:
                 f"{param}: image is {width}x{height} pixels, the limit is {self.settings.max_image_pixels}", param)
         return image
 
-    def decode(self, image: Image.Image, param: str, image_size: int) -> Image.Image:
-        """RGB pixels of an opened image, reduced for a model input of `image_size` (blocking: call off-loop)."""
+    def decode(self, image: Image.Image, param: str, preprocess: PreprocessConfig) -> Image.Image:
+        """RGB pixels of an opened image, reduced for the model's input as `preprocess` allows (blocking: call
+        off-loop)."""
         try:
-            return decode_for_model(image, image_size)
+            return decode_for_model(image, preprocess)
         except ImageDecodeError as err:
             raise InvalidInputError(f"{param}: {_pillow_message(err)}", param) from err
 

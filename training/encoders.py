@@ -1,38 +1,41 @@
-"""The served heads of a trained model: what the ONNX files compute, and what training-time evaluation uses,
-so both evaluate exactly the same function."""
+"""Wrappers over a model's served outputs (`DualEncoder.served`): the module the ONNX files are exported from, and
+the encoder training-time evaluation uses, so both evaluate exactly the same function."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.preprocess import PreprocessConfig, preprocess_batch
 from core.tokenizer import TextTokenizer
-from training.model import DualEncoder
+from training.model import DEFAULT_CLUSTER_TEMP, DualEncoder, create_model
 
 
 class ServedEncoder(nn.Module):
-    """One tower → (L2-normalised embedding, cluster probabilities) — the latter only for nCLIP/xCLIP.
+    """One tower → (L2-normalised embedding, cluster probabilities), the latter only for nCLIP/xCLIP: the tuple
+    form of `DualEncoder.served`, which is what torch.onnx.export traces.
 
-    CLIP and xCLIP serve their contrastive projection. nCLIP has none, and its two towers share no embedding
-    space, only the K clusters (each side's distribution is the other's target). So it serves √p: unit-norm, and
-    the dot product of an image's and a text's is their Bhattacharyya coefficient Σ√(p·q). Serving each tower's
-    own bottleneck instead left nCLIP's retrieval near chance (docs/BENCHMARKS.md, objectives)."""
+    The cluster temperature is the model's own; `cluster_temp`, when given, must agree with it (a caller holding a
+    different temperature would otherwise get silently different probabilities)."""
 
-    def __init__(self, model: DualEncoder, modality: str, cluster_temp: float):
+    def __init__(self, model: DualEncoder, modality: str, cluster_temp: float | None = None):
         super().__init__()
-        self.model, self.modality, self.cluster_temp = model, modality, cluster_temp
+        _check_cluster_temp(model, cluster_temp)
+        self.model, self.modality = model, modality
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tower = self.model.visual if self.modality == "image" else self.model.text
-        out = self.model._outputs(tower(inputs), self.modality)
-        if "cluster_logits" not in out:
-            return (F.normalize(out["embedding"], dim=-1),)
-        probs = F.softmax(out["cluster_logits"] / self.cluster_temp, dim=-1)
-        shared = torch.sqrt(probs) if self.model.config.objective == "nclip" else out["embedding"]
-        return F.normalize(shared, dim=-1), probs
+        out = self.model.served(inputs, self.modality)
+        return tuple(out[name] for name in output_names(self.model))
+
+
+def _check_cluster_temp(model: DualEncoder, cluster_temp: float | None) -> None:
+    """Refuse a cluster temperature other than the model's: there is one definition of the served outputs."""
+    if cluster_temp is not None and model.config.has_clusters and not math.isclose(cluster_temp, model.cluster_temp):
+        raise ValueError(f"cluster_temp {cluster_temp} differs from the model's {model.cluster_temp}; "
+                         "build the model with create_model(..., cluster_temp=...)")
 
 
 def output_names(model: DualEncoder) -> list[str]:
@@ -43,7 +46,7 @@ class TorchEncoder:
     """numpy-in/numpy-out encoders over a torch model, with the same signature as core's OnnxEncoder."""
 
     def __init__(self, model: DualEncoder, tokenizer: TextTokenizer, preprocess: PreprocessConfig,
-                 cluster_temp: float, batch_size: int = 256):
+                 cluster_temp: float | None = None, batch_size: int = 256):
         self.tokenizer, self.preprocess, self.batch_size = tokenizer, preprocess, batch_size
         self.names = output_names(model)
         self.towers = {m: ServedEncoder(model, m, cluster_temp).eval() for m in ("image", "text")}
@@ -68,10 +71,9 @@ def torch_encoder_from_bundle(bundle_dir) -> TorchEncoder:
     from safetensors.torch import load_file
 
     from core.bundle import load_bundle
-    from training.model import DualEncoder, ModelConfig
 
     bundle = load_bundle(bundle_dir)
-    model = DualEncoder(ModelConfig.from_dict(bundle.config.architecture), eos_id=bundle.tokenizer.eos_id)
+    model = create_model(bundle.config.architecture, eos_id=bundle.tokenizer.eos_id,
+                         cluster_temp=bundle.config.cluster_temperature or DEFAULT_CLUSTER_TEMP)  # None: CLIP
     model.load_state_dict(load_file(bundle.path / "model.safetensors"))
-    temp = bundle.config.cluster_temperature or 1.0
-    return TorchEncoder(model.eval(), bundle.tokenizer, bundle.preprocess, temp)
+    return TorchEncoder(model.eval(), bundle.tokenizer, bundle.preprocess)

@@ -47,8 +47,9 @@ def _merge(a: dict[str, list[str]], b: dict[str, list[str]], only: dict | None =
 
 
 def evaluate_model(model: DualEncoder, tokenizer: TextTokenizer, preprocess: PreprocessConfig,
-                   sets: EvalSets, cluster_temp: float, templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict:
-    """Zero-shot (with `templates`), retrieval, linear probe and cluster statistics of a torch model."""
-    encoder = TorchEncoder(model, tokenizer, preprocess, cluster_temp)
+                   sets: EvalSets, templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict:
+    """Zero-shot (with `templates`), retrieval, linear probe and cluster statistics of a torch model (its served
+    outputs, cluster temperature included)."""
+    encoder = TorchEncoder(model, tokenizer, preprocess)
     return evaluate(encoder.encode_images, encoder.encode_texts, sets.eval_set, sets.probe_train, sets.label_sets,
                     templates, seen_words=sets.seen_words)

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from core.preprocess import PreprocessConfig
 from core.tokenizer import TextTokenizer
 from training.encoders import ServedEncoder, output_names
 from training.losses import NClipConfig
-from training.model import DualEncoder, ModelConfig
+from training.model import DualEncoder, create_model
 from training.optim import latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def load_run(run_dir: Path) -> tuple[DualEncoder, dict, TextTokenizer, Preproces
     """The trained model of a run directory (its latest checkpoint) with the run's tokenizer and preprocessing."""
     meta = json.loads((run_dir / "train_config.json").read_text())
     tokenizer = TextTokenizer.from_file(run_dir / "tokenizer.json")
-    model = DualEncoder(ModelConfig.from_dict(meta["model"]), eos_id=tokenizer.eos_id)
+    model = create_model(meta["model"], eos_id=tokenizer.eos_id,
+                         cluster_temp=NClipConfig(**meta["train"].get("nclip", {})).student_temp)
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint; train first")
@@ -113,14 +115,24 @@ def export_bundle(run_dir: Path, out_dir: Path, parity_texts: list[str] | None =
                   parity_images: np.ndarray | None = None, overwrite: bool = False) -> Path:
     """Write the bundle to `out_dir` atomically; raises ExportParityError (and writes nothing) on a mismatch."""
     model, meta, tokenizer, preprocess = load_run(run_dir)
+
+    def fill(tmp: Path) -> None:
+        report = _write_onnx(model, meta, tokenizer, preprocess, tmp, parity_texts, parity_images)
+        _write_files(model, meta, tokenizer, preprocess, run_dir, tmp, report)
+
+    return write_bundle(out_dir, fill, overwrite)
+
+
+def write_bundle(out_dir: Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Have `fill` write a bundle's files into a scratch directory, add the manifest, check that it loads, then
+    move it to `out_dir` in one rename; nothing is left at `out_dir` when `fill` or the check raises."""
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        report = _write_onnx(model, meta, tokenizer, preprocess, tmp, parity_texts, parity_images)
-        _write_files(model, meta, tokenizer, preprocess, run_dir, tmp, report)
+        fill(tmp)
         write_manifest(tmp)
         load_bundle(tmp)  # what we wrote must read back and verify
     except BaseException:
@@ -134,13 +146,12 @@ def export_bundle(run_dir: Path, out_dir: Path, parity_texts: list[str] | None =
 
 
 def _write_onnx(model, meta, tokenizer, preprocess, tmp: Path, texts, images) -> dict:
-    temp = NClipConfig(**meta["train"].get("nclip", {})).student_temp
     names = output_names(model)
     texts = texts or [f"a {label} emoji" for labels in meta.get("label_sets", {}).values() for label in labels][:64]
     texts = texts or ["a photo", "an emoji"]
     report = {}
     for modality in ("image", "text"):
-        encoder = ServedEncoder(model, modality, temp).eval()
+        encoder = ServedEncoder(model, modality).eval()
         inputs = parity_inputs(modality, tokenizer, preprocess, texts, images)
         export_onnx(encoder, torch.from_numpy(inputs["random"][:2]), tmp / f"{modality}_encoder.onnx", names)
         report[modality] = check_parity(encoder, tmp / f"{modality}_encoder.onnx", inputs, names)

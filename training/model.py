@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.losses import NClipConfig
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 OBJECTIVES = ("clip", "nclip", "xclip")
+DEFAULT_CLUSTER_TEMP = NClipConfig.student_temp  # the served temperature is the trained one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,11 +226,17 @@ class ClusterHead(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    """CLIP / nCLIP / xCLIP model. `encode_*` give the served embedding; `forward` gives every training output."""
+    """CLIP / nCLIP / xCLIP model. `served` / `encode_*` give what the ONNX encoders serve; `forward` gives every
+    training output.
 
-    def __init__(self, cfg: ModelConfig, eos_id: int = 2):
+    `cluster_temp` is the temperature of the served cluster distribution softmax(logits / T): the training
+    student temperature (NClipConfig.student_temp), so served probabilities are the ones the loss trained."""
+
+    def __init__(self, cfg: ModelConfig, eos_id: int = 2, cluster_temp: float = DEFAULT_CLUSTER_TEMP):
         super().__init__()
-        self.config = cfg
+        if cluster_temp <= 0:
+            raise ValueError(f"cluster_temp must be positive, got {cluster_temp}")
+        self.config, self.cluster_temp = cfg, cluster_temp
         self.visual = VisionTower(cfg.vision)
         self.text = TextTower(cfg.text, eos_id)
         if cfg.objective != "nclip":  # contrastive latent space
@@ -251,13 +260,30 @@ class DualEncoder(nn.Module):
             out["embedding"] = out["cluster_feature"]
         return out
 
+    def served(self, inputs: torch.Tensor, modality: str, normalize: bool = True) -> dict[str, torch.Tensor]:
+        """One tower's served outputs, exactly what its ONNX encoder computes: `embedding` and, for nCLIP/xCLIP,
+        `cluster_probs` (in that order).
+
+        CLIP and xCLIP serve their contrastive projection. nCLIP has none, and its two towers share no embedding
+        space, only the K clusters (each side's distribution is the other's target). So it serves √p: unit-norm,
+        and the dot product of an image's and a text's is their Bhattacharyya coefficient Σ√(p·q). Serving each
+        tower's own bottleneck instead left nCLIP's retrieval near chance (docs/BENCHMARKS.md, objectives)."""
+        tower = self.visual if modality == "image" else self.text
+        out = self._outputs(tower(inputs), modality)
+        if not self.config.has_clusters:
+            return {"embedding": F.normalize(out["embedding"], dim=-1) if normalize else out["embedding"]}
+        probs = F.softmax(out["cluster_logits"] / self.cluster_temp, dim=-1)  # (B, K)
+        embedding = torch.sqrt(probs) if self.config.objective == "nclip" else out["embedding"]
+        # √p is unit-norm up to rounding; normalising it anyway keeps the served vectors exactly comparable.
+        return {"embedding": F.normalize(embedding, dim=-1) if normalize else embedding, "cluster_probs": probs}
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        emb = self._outputs(self.visual(pixels), "image")["embedding"]
-        return F.normalize(emb, dim=-1) if normalize else emb
+        """(B, 3, H, W) → (B, retrieval_dim): the served image embedding (unnormalised unless `normalize`)."""
+        return self.served(pixels, "image", normalize)["embedding"]
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        emb = self._outputs(self.text(input_ids), "text")["embedding"]
-        return F.normalize(emb, dim=-1) if normalize else emb
+        """(B, L) → (B, retrieval_dim): the served text embedding (unnormalised unless `normalize`)."""
+        return self.served(input_ids, "text", normalize)["embedding"]
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training outputs: `image_*`/`text_*` embeddings (unnormalised), cluster logits, and `logit_scale`."""
@@ -277,10 +303,19 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
-def create_model(name_or_config: str | ModelConfig, **overrides) -> DualEncoder:
-    """One factory: a model from a config name, a JSON path or a ModelConfig."""
-    cfg = name_or_config if isinstance(name_or_config, ModelConfig) else load_config(name_or_config, **overrides)
-    return DualEncoder(cfg)
+def create_model(name_or_config: str | ModelConfig | dict, eos_id: int = 2,
+                 cluster_temp: float = DEFAULT_CLUSTER_TEMP, **overrides) -> DualEncoder:
+    """One factory: a model from a config name, a JSON path, a ModelConfig or its dict (a run's or a bundle's
+    `architecture`), with the tokenizer's end-of-text id and the served cluster temperature."""
+    if isinstance(name_or_config, dict):
+        name_or_config = ModelConfig.from_dict(name_or_config)
+    if isinstance(name_or_config, ModelConfig):
+        if any(v is not None for v in overrides.values()):
+            raise ValueError(f"overrides {sorted(overrides)} apply to a config name or path, not a built config")
+        cfg = name_or_config
+    else:
+        cfg = load_config(name_or_config, **overrides)
+    return DualEncoder(cfg, eos_id=eos_id, cluster_temp=cluster_temp)
 
 
 def count_parameters(model: nn.Module) -> int:

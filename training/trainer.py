@@ -25,7 +25,7 @@ from training import distributed as dist_utils
 from training.batches import AugmentConfig, BatchSampler, build_cache
 from training.evaluate import evaluate_model, load_eval_sets
 from training.losses import OBJECTIVE_DEFAULTS, NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators
-from training.model import DualEncoder, ModelConfig, count_parameters, load_config
+from training.model import DualEncoder, ModelConfig, count_parameters, create_model, load_config
 from training.optim import cosine_lr, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint
 from training.perf import measure_matmul_peak, training_flops_per_sample
 
@@ -179,7 +179,7 @@ def prepare(cfg: TrainConfig) -> RunState:
     del samples
     sampler = BatchSampler(cache, cfg.batch_size, cfg.seed, cfg.augment,
                            cfg.label_prompt_prob if label_prompts is not None else 0.0)
-    model = DualEncoder(model_cfg, eos_id=tokenizer.eos_id).to(info.device)
+    model = create_model(model_cfg, eos_id=tokenizer.eos_id, cluster_temp=cfg.nclip.student_temp).to(info.device)
     loss_fn = ObjectiveLoss(model_cfg.objective, cfg.nclip, model_cfg.cluster_head.num_clusters,
                             cfg.multi_positive).to(info.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -299,8 +299,7 @@ def _checkpoint(run: RunState, step: int) -> None:
 def _evaluate(run: RunState, step: int, eval_sets, metrics_file) -> dict:
     run.model.eval()
     run.loss_fn.eval()
-    result = evaluate_model(run.model, run.tokenizer, run.preprocess, eval_sets, run.cfg.nclip.student_temp,
-                            run.cfg.templates)
+    result = evaluate_model(run.model, run.tokenizer, run.preprocess, eval_sets, run.cfg.templates)
     run.model.train()
     run.loss_fn.train()
     record = {"step": step, "eval": result}

@@ -127,6 +127,34 @@ def export(
     typer.echo(f"bundle: {bundle.resolve()}")
 
 
+@app.command("import")
+def import_(
+    src: Annotated[Path, typer.Argument(help="Checkpoint directory: transformers CLIP or SigLIP, or OpenCLIP "
+                                             "(safetensors).")],
+    output: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+    name: Annotated[str | None, typer.Option(help="Model name (default: the directory's name).")] = None,
+    parity_images: Annotated[list[Path] | None, typer.Option(
+        "--parity-image", help="Your own image files to add to the parity check (repeatable).")] = None,
+    int8: Annotated[bool, typer.Option(help="Also write dynamic-quantised INT8 encoders (CPU).")] = False,
+    fp16: Annotated[bool, typer.Option(help="Also write fp16 encoders (GPU execution providers).")] = False,
+    overwrite: bool = False,
+) -> None:
+    """Import a pretrained checkpoint into a bundle, gated on parity with transformers."""
+    from training.importer import import_checkpoint
+    from training.pretrained import CheckpointError
+
+    try:
+        bundle = import_checkpoint(src, output, name=name, parity_images=parity_images or (), overwrite=overwrite)
+    except (CheckpointError, FileExistsError) as err:
+        raise typer.BadParameter(str(err), param_hint="SRC" if isinstance(err, CheckpointError) else "--output") \
+            from err
+    from training.quantize import add_variant
+
+    for variant in [v for v, wanted in (("int8", int8), ("fp16", fp16)) if wanted]:
+        typer.echo(json.dumps({variant: add_variant(bundle, None, variant)}, indent=1))
+    typer.echo(f"bundle: {bundle.resolve()}")
+
+
 @app.command("eval")
 def evaluate(
     bundle: Annotated[Path, typer.Option(help="Bundle directory.")],

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from core.preprocess import ImageDecodeError, load_image
+from core.preprocess import ImageDecodeError, PreprocessConfig, load_image
 from index.collection import Collection, CollectionSpec, Hit, Item
 from index.errors import IndexStoreError, InvalidCollectionError, SpaceChangedError
 from index.store import CollectionStore
@@ -138,9 +138,9 @@ class Collections:
                 "register that bundle again or re-embed the collection with POST .../reembed", "collection")
         return model
 
-    def image_size(self, name: str) -> int:
-        """Input size of the model that embeds the collection's queries and items now."""
-        return self.model_of(self.get(name)).bundle.preprocess.image_size
+    def preprocess(self, name: str) -> PreprocessConfig:
+        """Image preprocessing of the model that embeds the collection's queries and items now."""
+        return self.model_of(self.get(name)).bundle.preprocess
 
     # -- items --------------------------------------------------------------------------------------------------
     async def upsert(self, name: str, items: list[NewItem]) -> int:

@@ -83,14 +83,11 @@ class ZeroShot:
 
     async def classify(self, model: LoadedModel, images: list[Image.Image], labels: list[str],
                        templates: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(N, C) softmax probabilities (with the model's logit scale) and cosines."""
+        """(N, C) label probabilities as the model defines them (`label_probabilities`) and cosines."""
         classes = await self.class_embeddings(model, labels, templates)
         image_emb = (await self.encode(model, "image", images))["embedding"]
         cosines = image_emb @ classes.T
-        logits = model.bundle.logit_scale * cosines
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        return probs / probs.sum(axis=1, keepdims=True), cosines
+        return label_probabilities(cosines, model.bundle.logit_scale, model.bundle.config.logit_bias), cosines
 
     def put_label_set(self, name: str, labels: list[str], templates: list[str] | None) -> None:
         """Create or replace a label set; its templates are checked now, not at each later classify."""
@@ -135,6 +132,18 @@ class ZeroShot:
             probs = np.concatenate(chunks) if chunks else np.zeros((0, model.bundle.num_clusters), np.float32)
             self._cluster_cache = {"key": key, "ids": ids, "probs": probs}
         return self._cluster_cache["ids"], self._cluster_cache["probs"]
+
+
+def label_probabilities(cosines: np.ndarray, logit_scale: float, logit_bias: float | None) -> np.ndarray:
+    """(N, C) probabilities of labels from image–label cosines: a softmax over the labels of the scaled cosines
+    (CLIP's contrastive loss), or, for a sigmoid-loss model with a logit bias (SigLIP), each label's own
+    sigmoid(scale · cos + bias), independent of the other labels."""
+    logits = logit_scale * cosines.astype(np.float64)
+    if logit_bias is not None:
+        return (1.0 / (1.0 + np.exp(-(logits + logit_bias)))).astype(np.float32)
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class LabelSetStore:

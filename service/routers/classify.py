@@ -40,13 +40,14 @@ MULTIPART_DOC = {
 
 @router.post("/classify", response_model=ClassifyResponse, dependencies=[READ], openapi_extra=MULTIPART_DOC)
 async def classify(request: Request, engine: EngineDep, decoder: DecoderDep) -> ClassifyResponse:
-    """Zero-shot tags for images: each label's softmax probability and cosine, top_k or above a threshold."""
+    """Zero-shot tags for images: each label's probability (softmax; sigmoid for SigLIP) and cosine, top_k or above a
+    threshold."""
     body, sources, param = await _read_classify(request, decoder)
     model = engine.model(body.model)
     labels, templates = engine.zero_shot.resolve_labels(model, body.labels, body.label_set, body.templates)
     labels = decoder.check_texts(decoder.check_count(labels, "labels", engine.settings.max_labels), "labels")
     _check_prompt_lengths(engine, model, labels, templates)
-    images = await decoder.images(sources, param, model.bundle.preprocess.image_size)
+    images = await decoder.images(sources, param, model.bundle.preprocess)
     probs, cosines = await engine.zero_shot.classify(model, images, labels, templates)
     results = [Classification(index=i, labels=_pick(labels, probs[i], cosines[i], body))
                for i in range(len(images))]
@@ -122,7 +123,7 @@ async def clusters(body: ClustersRequest, engine: EngineDep, decoder: DecoderDep
         probs = await engine.zero_shot.cluster_probs(model, "text", texts)
     else:
         images = await decoder.images(decoder.check_count(body.images, "images"), "images",
-                                      model.bundle.preprocess.image_size)
+                                      model.bundle.preprocess)
         probs = await engine.zero_shot.cluster_probs(model, "image", images)
     results = [ClusterResult(index=i, **dict(zip(("clusters", "entropy"), top_clusters(p, body.top_k),
                                                  strict=True))) for i, p in enumerate(probs)]

@@ -76,7 +76,7 @@ async def _new_items(items_in: list, engine, name: str, decoder) -> list[NewItem
     images = [i for i, item in enumerate(items_in) if item.image is not None]
     decoded = {}
     if images:
-        size = engine.collections.image_size(name)
+        size = engine.collections.preprocess(name)
         pairs = await decoder.images_with_bytes([items_in[i].image for i in images], "items", size,
                                                 names=[f"items[{i}].image" for i in images])
         decoded = dict(zip(images, pairs, strict=True))
@@ -150,7 +150,7 @@ async def _query(body: SearchRequest, engine, name: str, decoder) -> SearchQuery
         engine.check_token_lengths(model, [text], body.truncate, "text", ["text"])
         return SearchQuery(text=text)
     if body.image is not None:
-        return SearchQuery(image=await decoder.image(body.image, "image", engine.collections.image_size(name)))
+        return SearchQuery(image=await decoder.image(body.image, "image", engine.collections.preprocess(name)))
     if body.id is not None:
         return SearchQuery(item_id=body.id)
     return SearchQuery(vector=np.asarray(body.vector, np.float32))

@@ -58,7 +58,7 @@ async def _knn_query(body: KnnRequest, engine, name: str, decoder) -> Query:
         return Query(text=decoder.check_text(body.text, "text"))
     if body.image or body.image_url:
         param = "image" if body.image else "image_url"
-        size = engine.collections.image_size(name)
+        size = engine.collections.preprocess(name)
         return Query(image=await decoder.image(body.image or body.image_url, param, size))
     if body.embedding_input:
         return Query(vector=np.asarray(body.embedding_input, np.float32))
@@ -122,7 +122,7 @@ async def vectorize(body: VectorizeRequest, engine: EngineDep, decoder: DecoderD
     for values, param in ((texts, "texts"), (body.images or [], "images")):
         if len(values) > engine.settings.max_items:
             decoder.check_count(values, param)
-    images = await decoder.images(body.images or [], "images", model.bundle.preprocess.image_size)
+    images = await decoder.images(body.images or [], "images", model.bundle.preprocess)
     text_vectors = (await engine.encode(model, "text", texts))["embedding"].tolist() if texts else []
     image_vectors = (await engine.encode(model, "image", images))["embedding"].tolist() if images else []
     return {"textVectors": text_vectors, "imageVectors": image_vectors}

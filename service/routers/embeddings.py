@@ -33,7 +33,7 @@ async def create_embeddings(body: EmbeddingsRequest, engine: EngineDep, decoder:
     if body.dimensions is not None and body.dimensions != model.bundle.embed_dim:
         raise BadRequestError(f"dimensions: this model only returns {model.bundle.embed_dim}", "dimensions")
     if body.modality == "image":
-        images = await decoder.images(inputs, "input", model.bundle.preprocess.image_size)
+        images = await decoder.images(inputs, "input", model.bundle.preprocess)
         tokens = [0] * len(images)
         embeddings = (await engine.encode(model, "image", images))["embedding"]
     else:
@@ -74,7 +74,7 @@ async def embed_image(engine: EngineDep, decoder: DecoderDep, files: Annotated[l
     decoder.check_count(files, "files")
     if clusters:
         engine.zero_shot.require_clusters(loaded)
-    images = await decoder.images([await f.read() for f in files], "files", loaded.bundle.preprocess.image_size)
+    images = await decoder.images([await f.read() for f in files], "files", loaded.bundle.preprocess)
     outputs = await engine.encode(loaded, "image", images)
     return EmbedResponse(model=loaded.model_id, data=_embeddings(outputs, clusters, cluster_top_k))
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from core.preprocess import PreprocessConfig
 from service.auth import KeyChecker, parse_keys
 from service.errors import (
     AuthenticationError,
@@ -97,7 +98,7 @@ def decoder():
 
 def decode(decoder: InputDecoder, source: str | bytes, param: str):
     """One image through the service's decode path (header checks, then a worker thread)."""
-    return asyncio.run(decoder.image(source, param, image_size=8))
+    return asyncio.run(decoder.image(source, param, PreprocessConfig(image_size=8)))
 
 
 def test_images_decode_from_base64_and_data_uris(decoder):

@@ -18,7 +18,7 @@ from training.losses import (
     entropy,
     sinkhorn,
 )
-from training.model import DualEncoder, load_config
+from training.model import create_model
 
 EYE2 = [[1.0, 0.0], [0.0, 1.0]]
 
@@ -513,7 +513,7 @@ def tiny_batch(batch: int = 4, length: int = 16) -> tuple[torch.Tensor, torch.Te
 )
 def test_gradients_reach_every_parameter_of_both_towers(objective, heads):
     torch.manual_seed(0)
-    model = DualEncoder(load_config("tiny", objective=objective))
+    model = create_model("tiny", objective=objective)
     cfg = model.config
     loss_fn = ObjectiveLoss(objective, NClipConfig(), cfg.cluster_head.num_clusters)
     sum(loss_fn(model(*tiny_batch())).values()).backward()

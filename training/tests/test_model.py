@@ -1,12 +1,17 @@
-"""Tests for the dual encoder: named configs, embedding shapes, end-of-text pooling, batch/single parity."""
+"""Tests for the dual encoder: named configs, the served embedding (= the ONNX encoder's), end-of-text pooling,
+batch/single parity."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
+from training.encoders import ServedEncoder, output_names
+from training.export import INPUT_NAMES, export_onnx
 from training.model import (
     CONFIG_DIR,
     ClusterHead,
@@ -25,7 +30,7 @@ EOS = 2
 @pytest.fixture(scope="module")
 def tiny_models() -> dict[str, DualEncoder]:
     torch.manual_seed(0)
-    return {obj: DualEncoder(load_config("tiny", objective=obj)).eval() for obj in ("clip", "nclip", "xclip")}
+    return {obj: create_model("tiny", objective=obj).eval() for obj in ("clip", "nclip", "xclip")}
 
 
 def random_pixels(batch: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -92,7 +97,7 @@ def test_overrides_apply(overrides, expected):
     cfg = load_config("tiny", **overrides)
     got = {"objective": cfg.objective, "vocab_size": cfg.text.vocab_size, "context_length": cfg.text.context_length}
     assert got == expected
-    model = DualEncoder(cfg)
+    model = create_model(cfg)
     assert model.text.token_embed.num_embeddings == expected["vocab_size"]
     assert model.text.pos_embed.shape[1] == expected["context_length"]
 
@@ -112,9 +117,10 @@ def test_invalid_objective_is_rejected():
 # ---------------------------------------------------------------------------------------------------- embeddings
 
 
-@pytest.mark.parametrize("objective, dim", [("clip", 32), ("nclip", 16), ("xclip", 32)])
-def test_embedding_shapes_and_normalisation(tiny_models, objective, dim):
+@pytest.mark.parametrize("objective, dim", [("clip", 32), ("nclip", 64), ("xclip", 32)])
+def test_embedding_has_the_retrieval_width_and_unit_norm(tiny_models, objective, dim):
     model = tiny_models[objective]
+    assert model.config.retrieval_dim == dim
     with torch.no_grad():
         for emb in (model.encode_image(random_pixels(3)), model.encode_text(random_ids([4, 15, 1]))):
             assert emb.shape == (3, dim)
@@ -123,30 +129,72 @@ def test_embedding_shapes_and_normalisation(tiny_models, objective, dim):
             torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
 
 
-@pytest.mark.parametrize("objective, dim", [("clip", 32), ("nclip", 64), ("xclip", 32)])
-def test_served_embedding_has_the_retrieval_width_and_unit_norm(tiny_models, objective, dim):
-    from training.encoders import ServedEncoder
+def onnx_outputs(model: DualEncoder, modality: str, inputs: torch.Tensor, tmp_path) -> dict[str, np.ndarray]:
+    """The outputs of the tower's exported ONNX encoder (as export_bundle writes it), run by ONNX Runtime."""
+    path, names = tmp_path / f"{modality}_encoder.onnx", output_names(model)
+    export_onnx(ServedEncoder(model, modality).eval(), inputs[:2], path, names)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(names, {INPUT_NAMES[modality]: inputs.numpy()})))
 
+
+@pytest.mark.parametrize("objective", ["clip", "nclip", "xclip"])
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_encode_is_the_onnx_served_embedding(tiny_models, objective, modality, tmp_path):
+    """One definition of the embedding: `encode_*(normalize=True)` is what the exported encoder serves."""
     model = tiny_models[objective]
-    assert model.config.retrieval_dim == dim
+    inputs, encode = ((random_pixels(5), model.encode_image) if modality == "image"
+                      else (random_ids([4, 15, 1, 7, 0]), model.encode_text))
+    served = onnx_outputs(model, modality, inputs, tmp_path)
     with torch.no_grad():
-        for modality, inputs in (("image", random_pixels(3)), ("text", random_ids([4, 15, 1]))):
-            embedding = ServedEncoder(model, modality, 0.1)(inputs)[0]
-            assert embedding.shape == (3, dim)
-            torch.testing.assert_close(embedding.norm(dim=-1), torch.ones(3))
+        embedding = encode(inputs, normalize=True).numpy()
+    assert np.abs(embedding - served["embedding"]).max() <= 1e-5
 
 
-def test_nclip_serves_the_square_root_of_its_cluster_distribution(tiny_models):
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_nclip_embedding_is_the_square_root_of_the_served_cluster_probs(tiny_models, modality, tmp_path):
+    model = tiny_models["nclip"]
+    inputs, encode = ((random_pixels(5), model.encode_image) if modality == "image"
+                      else (random_ids([4, 15, 1, 7, 0]), model.encode_text))
+    probs = onnx_outputs(model, modality, inputs, tmp_path)["cluster_probs"]
+    with torch.no_grad():
+        embedding = encode(inputs, normalize=True).numpy()
+    assert np.abs(embedding - np.sqrt(probs)).max() <= 1e-5
+
+
+def test_nclip_image_text_similarity_is_the_bhattacharyya_coefficient(tiny_models):
     """nCLIP's towers share only the clusters: √p of each side, whose image·text dot product is the
     Bhattacharyya coefficient of the two distributions."""
-    from training.encoders import ServedEncoder
-
     model = tiny_models["nclip"]
     with torch.no_grad():
-        image_emb, image_p = ServedEncoder(model, "image", 0.1)(random_pixels(2))
-        text_emb, text_p = ServedEncoder(model, "text", 0.1)(random_ids([3, 7]))
-    torch.testing.assert_close(image_emb, image_p.sqrt())
-    torch.testing.assert_close(image_emb @ text_emb.t(), (image_p[:, None] * text_p[None]).sqrt().sum(-1))
+        image, text = model.served(random_pixels(2), "image"), model.served(random_ids([3, 7]), "text")
+    coefficient = (image["cluster_probs"][:, None] * text["cluster_probs"][None]).sqrt().sum(-1)
+    torch.testing.assert_close(image["embedding"] @ text["embedding"].t(), coefficient)
+
+
+@pytest.mark.parametrize("objective", ["nclip", "xclip"])
+def test_served_cluster_probs_use_the_model_temperature(objective):
+    torch.manual_seed(0)
+    model = create_model("tiny", objective=objective, cluster_temp=0.5).eval()
+    pixels = random_pixels(3)
+    with torch.no_grad():
+        logits = model(pixels, random_ids([4, 15, 1]))["image_cluster_logits"]
+        probs = model.served(pixels, "image")["cluster_probs"]
+    torch.testing.assert_close(probs, torch.softmax(logits / 0.5, dim=-1))
+
+
+def test_a_served_encoder_refuses_another_cluster_temperature(tiny_models):
+    ServedEncoder(tiny_models["xclip"], "image", 0.1)  # the model's own: accepted
+    with pytest.raises(ValueError, match="cluster_temp"):
+        ServedEncoder(tiny_models["xclip"], "image", 0.5)
+
+
+def test_the_factory_builds_from_a_saved_architecture(tiny_models):
+    """Runs and bundles store the architecture as a dict; the factory rebuilds the same model from it."""
+    model = create_model(tiny_models["xclip"].config.to_dict(), eos_id=5, cluster_temp=0.2)
+    assert model.config == tiny_models["xclip"].config
+    assert (model.text.eos_id, model.cluster_temp) == (5, 0.2)
+    with pytest.raises(ValueError, match="overrides"):
+        create_model(model.config, objective="clip")
 
 
 def test_unnormalised_clip_embeddings_are_not_unit_norm(tiny_models):
@@ -167,16 +215,6 @@ def test_objective_decides_the_heads(tiny_models, objective, present, absent):
     model = tiny_models[objective]
     assert all(hasattr(model, name) for name in present)
     assert not any(hasattr(model, name) for name in absent)
-
-
-def test_nclip_embedding_is_the_cluster_bottleneck(tiny_models):
-    model, pixels, ids = tiny_models["nclip"], random_pixels(2), random_ids([3, 7])
-    with torch.no_grad():
-        out = model(pixels, ids)
-        torch.testing.assert_close(model.encode_image(pixels), out["image_cluster_feature"])
-        torch.testing.assert_close(model.encode_text(ids), out["text_cluster_feature"])
-    assert out["image_embedding"].shape == (2, model.config.cluster_head.bottleneck_dim)
-    assert "logit_scale" not in out
 
 
 @pytest.mark.parametrize(
@@ -248,7 +286,7 @@ def test_batch_equals_one_by_one(tiny_models, objective):
 
 
 def test_text_without_eos_pools_at_the_last_position():
-    model = DualEncoder(load_config("tiny")).eval()
+    model = create_model("tiny").eval()
     ids = torch.randint(3, 200, (1, 16))
     changed = ids.clone()
     changed[0, 10] = 3 if ids[0, 10] != 3 else 4
