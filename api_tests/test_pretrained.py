@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from api_tests.conftest import Server
-from training.importer import parity_image_files
+from training.importer import parity_image_files, photographs
 from training.pretrained import load_pretrained
 from training.random_checkpoints import save_clip, save_open_clip, save_siglip
 
@@ -33,7 +33,7 @@ def served(request, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"bundle: {bundle.resolve()}" in done.stdout
     server = Server(root / "state", bundle).start()
-    yield request.param, src, parity_image_files(root / "images", seed=3), server
+    yield request.param, src, [*photographs(), *parity_image_files(root / "images", seed=3)], server
     server.stop()
 
 

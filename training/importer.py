@@ -75,7 +75,7 @@ def import_checkpoint(src: str | Path, out_dir: Path, name: str | None = None,
     pretrained = load_pretrained(src)
     model_name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", src.resolve().name).strip("-") or pretrained.kind
     with tempfile.TemporaryDirectory() as scratch:
-        images = [*parity_image_files(Path(scratch)), *map(Path, parity_images)]
+        images = [*parity_image_files(Path(scratch)), *photographs(), *map(Path, parity_images)]
 
         def fill(tmp: Path) -> None:
             report = {m: _export_tower(pretrained, m, tmp, images) for m in MODALITIES}
@@ -171,6 +171,16 @@ def _record_parity(tmp: Path, report: dict) -> None:
 
 
 # -- parity images -----------------------------------------------------------------------------------------------
+def photographs() -> list[Path]:
+    """Real photographs available offline: matplotlib's sample photo (Grace Hopper, JPEG), shipped with the train
+    extra; none when matplotlib is absent."""
+    try:
+        from matplotlib import cbook
+    except ImportError:
+        return []
+    return [Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))]
+
+
 SYNTHETIC_SIZES = ((640, 480), (333, 517), (224, 224), (97, 61), (1000, 750))
 
 

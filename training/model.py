@@ -63,6 +63,9 @@ class ModelConfig:
     text: TextConfig = TextConfig()
     cluster_head: ClusterHeadConfig = ClusterHeadConfig()
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
+    # {"format": "clip" | "open_clip" | "siglip", "transformers_config": {...}}: the towers, projections and logit
+    # scale are a transformers model's (train --init; training/towers.py), `vision` / `text` record their shapes
+    pretrained: dict | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -237,16 +240,34 @@ class DualEncoder(nn.Module):
         if cluster_temp <= 0:
             raise ValueError(f"cluster_temp must be positive, got {cluster_temp}")
         self.config, self.cluster_temp = cfg, cluster_temp
-        self.visual = VisionTower(cfg.vision)
-        self.text = TextTower(cfg.text, eos_id)
-        if cfg.objective != "nclip":  # contrastive latent space
-            self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
-            self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
-            self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+        if cfg.pretrained is None:
+            self.visual = VisionTower(cfg.vision)
+            self.text = TextTower(cfg.text, eos_id)
+            if cfg.objective != "nclip":  # contrastive latent space
+                self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+                self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
+                self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+        else:
+            self._add_pretrained_towers(cfg)
         if cfg.has_clusters:  # separate non-contrastive latent space
             self.image_head = ClusterHead(cfg.vision.width, cfg.cluster_head)
             self.text_head = ClusterHead(cfg.text.width, cfg.cluster_head)
-        self.apply(_init_weights)
+        # pretrained towers keep their own initialisation (their weights are loaded next): only new parts here
+        new_parts = [self] if cfg.pretrained is None else [m for n, m in self.named_children() if n.endswith("_head")]
+        for part in new_parts:
+            part.apply(_init_weights)
+
+    def _add_pretrained_towers(self, cfg: ModelConfig) -> None:
+        """A transformers model's towers (shapes from its config; weights from the init or run checkpoint)."""
+        from training.towers import transformers_towers
+
+        towers = transformers_towers(cfg.pretrained)
+        if (towers.vision_width, towers.text_width) != (cfg.vision.width, cfg.text.width):
+            raise ValueError(f"model config widths {cfg.vision.width}/{cfg.text.width} differ from the "
+                             f"pretrained towers' {towers.vision_width}/{towers.text_width}")
+        self.visual, self.text = towers.visual, towers.text
+        if cfg.objective != "nclip":
+            self.logit_scale, self.image_proj, self.text_proj = towers.logit_scale, towers.image_proj, towers.text_proj
 
     def _outputs(self, features: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
         out = {}

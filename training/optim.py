@@ -12,15 +12,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no weight decay on norms, biases, embeddings, positions, prototypes' scale or logit scale."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float,
+                 lr_scales: dict[str, tuple[set[int], float]] | None = None) -> list[dict]:
+    """Decay matrices only: no weight decay on norms, biases, embeddings, positions, prototypes' scale or logit
+    scale. `lr_scales` {name: (parameter ids, scale)} puts those parameters in groups whose learning rate is
+    `lr_scale` × the schedule's (fine-tuning: pretrained weights slower than new heads); frozen ones are left out."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim < 2 or "embed" in name or "token" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scaled = next((key for key, (ids, _) in (lr_scales or {}).items() if id(param) in ids), "")
+        groups.setdefault((scaled, exempt), []).append(param)
+    scales = {key: scale for key, (_, scale) in (lr_scales or {}).items()}
+    return [{"params": params, "weight_decay": 0.0 if exempt else weight_decay,
+             **({"lr_scale": scales[scaled]} if scaled else {})}
+            for (scaled, exempt), params in sorted(groups.items())]
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float = 0.0) -> float:

@@ -44,7 +44,12 @@ def quantize_encoder(fp32_path: Path, int8_path: Path) -> None:
     """Shape-infer and fold the fp32 graph (ORT's recommended pre-processing), then quantise MatMul/Gemm."""
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / fp32_path.name
-        quant_pre_process(str(fp32_path), str(prepared))
+        try:
+            quant_pre_process(str(fp32_path), str(prepared))
+        except AssertionError:  # ORT's symbolic shape inference gives up on some graphs (SigLIP's pooling head)
+            log.info("symbolic shape inference failed on %s; pre-processing with ONNX shape inference only",
+                     fp32_path.name)
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_dynamic(prepared, int8_path, weight_type=WEIGHT_TYPE, op_types_to_quantize=OP_TYPES)
 
 

@@ -24,10 +24,12 @@ from core.tokenizer import TextTokenizer, train_tokenizer
 from training import distributed as dist_utils
 from training.batches import AugmentConfig, BatchSampler, build_cache
 from training.evaluate import evaluate_model, load_eval_sets
+from training.init_from import resolve_init
 from training.losses import OBJECTIVE_DEFAULTS, NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators
 from training.model import DualEncoder, ModelConfig, count_parameters, create_model, load_config
 from training.optim import cosine_lr, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint
 from training.perf import measure_matmul_peak, training_flops_per_sample
+from training.towers import lock_tower, pretrained_parameter_ids
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,15 @@ class TrainConfig:
     label_prompt_set: str = "subcategory"
     resume: bool = True
     progress: bool = True
+    # Fine-tuning (`--init`): start from a pretrained checkpoint or a bundle (training/init_from.py); its weights
+    # train at `init_lr_scale` × lr (new cluster heads at lr). Locking as open_clip: a locked tower trains only its
+    # last `*_unlocked_groups` layer groups (embeddings, each block, final norm, projection).
+    init: str | None = None
+    init_lr_scale: float = 0.1
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_groups: int = 0
 
     def __post_init__(self):
         self.templates = check_templates(self.templates)
@@ -162,12 +173,16 @@ def prepare(cfg: TrainConfig) -> RunState:
         _start_over(out_dir)
     dist_utils.barrier(info)
     model_cfg = load_config(cfg.model, objective=cfg.objective, vocab_size=cfg.vocab_size)
+    init = resolve_init(cfg.init, cfg.objective, model_cfg.cluster_head) if cfg.init else None
     split = "train" if "train" in datasets.splits_present(cfg.data) else None
     samples, bad = datasets.load_samples(cfg.data, split=split, max_bad_fraction=cfg.max_bad_fraction)
     label_prompts = cfg.label_prompts(samples)
-    tokenizer = build_tokenizer(model_cfg, samples, out_dir, resuming, label_prompts)
-    preprocess = PreprocessConfig(image_size=model_cfg.vision.image_size, resize_mode=cfg.resize_mode,
-                                  mean=cfg.image_mean, std=cfg.image_std)
+    if init is not None:
+        model_cfg, tokenizer, preprocess = init.model_config, init.tokenizer, init.preprocess
+    else:
+        tokenizer = build_tokenizer(model_cfg, samples, out_dir, resuming, label_prompts)
+        preprocess = PreprocessConfig(image_size=model_cfg.vision.image_size, resize_mode=cfg.resize_mode,
+                                      mean=cfg.image_mean, std=cfg.image_std)
     if info.is_main:
         tokenizer.save(out_dir / "tokenizer.json")
         preprocess.save(out_dir / "preprocess.json")
@@ -179,10 +194,16 @@ def prepare(cfg: TrainConfig) -> RunState:
     del samples
     sampler = BatchSampler(cache, cfg.batch_size, cfg.seed, cfg.augment,
                            cfg.label_prompt_prob if label_prompts is not None else 0.0)
-    model = create_model(model_cfg, eos_id=tokenizer.eos_id, cluster_temp=cfg.nclip.student_temp).to(info.device)
+    model = create_model(model_cfg, eos_id=tokenizer.eos_id, cluster_temp=cfg.nclip.student_temp)
+    if init is not None and not resuming:
+        init.load_weights(model)
+        log.info("initialised from %s", init.description)
+    model = _lock_towers(cfg, model).to(info.device)
     loss_fn = ObjectiveLoss(model_cfg.objective, cfg.nclip, model_cfg.cluster_head.num_clusters,
                             cfg.multi_positive).to(info.device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    lr_scales = {"pretrained": (pretrained_parameter_ids(model), cfg.init_lr_scale)} if init is not None else {}
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, lr_scales), lr=cfg.lr, betas=(0.9, 0.98),
+                                  eps=1e-6)
     start_step = _maybe_resume(cfg, out_dir, model, loss_fn, optimizer)
     perf = _measure_perf(cfg, model, sampler, info) if info.is_main else {}  # before DDP hooks the parameters
     if info.world_size > 1 and info.device.startswith("cuda"):  # BatchNorm statistics over the global batch
@@ -190,6 +211,15 @@ def prepare(cfg: TrainConfig) -> RunState:
     ddp_model = model if info.world_size == 1 else DistributedDataParallel(model)
     return RunState(cfg, info, out_dir, model_cfg, model, ddp_model, loss_fn, optimizer, sampler, tokenizer,
                     preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict(), perf)
+
+
+def _lock_towers(cfg: TrainConfig, model: DualEncoder) -> DualEncoder:
+    """Freeze the towers `--lock-image` / `--lock-text` ask for, but their last unlocked groups."""
+    if cfg.lock_image:
+        lock_tower(model, "image", cfg.lock_image_unlocked_groups)
+    if cfg.lock_text:
+        lock_tower(model, "text", cfg.lock_text_unlocked_groups)
+    return model
 
 
 def _start_over(out_dir: Path) -> None:
@@ -214,7 +244,7 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
     cfg, info = run.cfg, run.info
     lr = cosine_lr(step, run.total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     pixels, input_ids = run.sampler.batch(step, info.rank, info.world_size)
     device_type = "cuda" if info.device.startswith("cuda") else "cpu"
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):

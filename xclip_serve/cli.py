@@ -70,8 +70,21 @@ def train(
              "template (0: off).")] = None,
     label_prompt_set: Annotated[str | None, typer.Option(help="The label set those prompts use.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run directory's latest checkpoint.")] = True,
+    init: Annotated[str | None, typer.Option(
+        help="Fine-tune from a checkpoint directory (any format `import` reads) or a bundle: its towers, "
+             "tokenizer and preprocessing; --model then only shapes new cluster heads.")] = None,
+    init_lr_scale: Annotated[float, typer.Option(
+        help="Learning rate of the init's weights as a fraction of --lr (new heads train at --lr).")] = 0.1,
+    lock_image: Annotated[bool, typer.Option(help="Freeze the image tower (LiT), but its last unlocked groups.")]
+        = False,
+    lock_image_unlocked_groups: Annotated[int, typer.Option(
+        help="Layer groups at the top of a locked image tower that still train.")] = 0,
+    lock_text: Annotated[bool, typer.Option(help="Freeze the text tower, but its last unlocked groups.")] = False,
+    lock_text_unlocked_groups: Annotated[int, typer.Option(
+        help="Layer groups at the top of a locked text tower that still train.")] = 0,
 ) -> None:
-    """Train a model; resumes from the run directory's latest checkpoint."""
+    """Train a model (from scratch, or fine-tune with --init); resumes from the run directory's latest
+    checkpoint."""
     from training.trainer import TrainConfig, resolve_precision
     from training.trainer import train as run_training
 
@@ -140,14 +153,21 @@ def import_(
     overwrite: bool = False,
 ) -> None:
     """Import a pretrained checkpoint into a bundle, gated on parity with transformers."""
+    from transformers.utils import logging as transformers_logging
+
     from training.importer import import_checkpoint
     from training.pretrained import CheckpointError
 
+    transformers_logging.set_verbosity_error()  # its notes on optional backends (torchvision) are not ours
     try:
         bundle = import_checkpoint(src, output, name=name, parity_images=parity_images or (), overwrite=overwrite)
     except (CheckpointError, FileExistsError) as err:
         raise typer.BadParameter(str(err), param_hint="SRC" if isinstance(err, CheckpointError) else "--output") \
             from err
+    parity = json.loads((bundle / "config.json").read_text())["parity"]["end_to_end"]
+    typer.echo(f"parity with transformers (max |Δ| of normalised embeddings): image "
+               f"{parity['image_vs_reference']:.1e} over {parity['images']} image files, text "
+               f"{parity['text_vs_reference']:.1e} over {parity['texts']} strings")
     from training.quantize import add_variant
 
     for variant in [v for v, wanted in (("int8", int8), ("fp16", fp16)) if wanted]:

@@ -17,7 +17,7 @@ from core.bundle import load_bundle
 from core.onnx_encoder import OnnxEncoder
 from core.preprocess import PreprocessConfig, load_image, preprocess_batch
 from training.export import ExportParityError
-from training.importer import import_checkpoint, parity_image_files
+from training.importer import SYNTHETIC_SIZES, import_checkpoint, parity_image_files, photographs
 from training.pretrained import CheckpointError, detect_format, load_pretrained
 from training.random_checkpoints import save_clip, save_open_clip, save_siglip
 
@@ -39,7 +39,9 @@ def imported(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list:
-    return parity_image_files(tmp_path_factory.mktemp("images"), seed=7)
+    files = [*parity_image_files(tmp_path_factory.mktemp("images"), seed=7), *photographs()]
+    assert len(files) == len(SYNTHETIC_SIZES) + 1  # a real photograph among them
+    return files
 
 
 @torch.no_grad()
@@ -188,3 +190,16 @@ def test_resize_center_crop_equals_clip_image_processor(size, crop, short):
     processor = CLIPImageProcessor(size={"shortest_edge": short}, crop_size={"height": crop, "width": crop})
     expected = processor(images=[image], return_tensors="np")["pixel_values"]
     np.testing.assert_allclose(preprocess_batch([image], config), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_an_imported_bundle_takes_an_int8_twin(imported, tmp_path, kind):
+    """`import --int8`: the quantiser's graph preparation copes with each imported architecture."""
+    import shutil
+
+    from training.quantize import add_variant
+
+    bundle_dir = shutil.copytree(imported[kind][1], tmp_path / "bundle")
+    report = add_variant(bundle_dir, None, "int8")
+    bundle = load_bundle(bundle_dir)
+    assert bundle.onnx_path("image", "int8").is_file() and report["cosine"]["image"]["mean"] > 0.9

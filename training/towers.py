@@ -1,0 +1,138 @@
+"""Pretrained towers inside our dual encoder (`train --init`): a transformers CLIP / SigLIP model's vision and
+text towers, projections and logit scale become `DualEncoder`'s `visual`, `text`, `image_proj`, `text_proj` and
+`logit_scale`, so the losses, cluster heads, evaluation, export and serving are the ones every model uses.
+
+Architectures stay data: `ModelConfig.pretrained` holds the checkpoint's format and transformers config, from which
+`transformers_towers` rebuilds the modules (weights come from the init checkpoint, or from a run's checkpoint).
+Also here: open_clip-style tower locking (`lock_tower`) and the parameters that count as pretrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+FORMATS = ("clip", "open_clip", "siglip")
+
+
+class TransformersTower(nn.Module):
+    """A transformers vision or text model → its pooled features (B, width): CLIP's post-LayerNorm class /
+    end-of-text token, SigLIP's attention-pooled / last-token head output."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.tower(inputs).pooler_output
+
+
+@dataclasses.dataclass
+class Towers:
+    """What a pretrained model contributes to the dual encoder."""
+
+    visual: nn.Module
+    text: nn.Module
+    image_proj: nn.Module
+    text_proj: nn.Module
+    logit_scale: nn.Parameter
+    vision_width: int
+    text_width: int
+    embed_dim: int
+
+
+def transformers_towers(spec: dict) -> Towers:
+    """Towers built (randomly initialised) from `spec` = {"format", "transformers_config"}."""
+    model = transformers_model(spec)
+    config = model.config
+    vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
+    if spec["format"] == "siglip":  # its towers end in their own heads: the pooled features are the embedding
+        return Towers(TransformersTower(model.vision_model), TransformersTower(model.text_model), nn.Identity(),
+                      nn.Identity(), model.logit_scale, vision_width, text_width,
+                      config.text_config.projection_size)
+    return Towers(TransformersTower(model.vision_model), TransformersTower(model.text_model),
+                  model.visual_projection, model.text_projection, model.logit_scale, vision_width, text_width,
+                  config.projection_dim)
+
+
+def transformers_model(spec: dict) -> nn.Module:
+    """A transformers CLIPModel / SiglipModel (random weights, eager attention) from a `pretrained` spec."""
+    if spec.get("format") not in FORMATS:
+        raise ValueError(f"pretrained format must be one of {FORMATS}, got {spec.get('format')!r}")
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    config_class, model_class = (SiglipConfig, SiglipModel) if spec["format"] == "siglip" else (CLIPConfig,
+                                                                                                 CLIPModel)
+    config = config_class.from_dict(spec["transformers_config"])
+    config._attn_implementation = "eager"  # exports to ONNX cleanly, as the import does
+    return model_class(config)
+
+
+def load_pretrained_weights(model: nn.Module, reference: nn.Module) -> None:
+    """Copy a transformers model's tower, projection and logit-scale weights into `model` (its `DualEncoder`);
+    cluster heads are left as they are (new)."""
+    model.visual.tower.load_state_dict(reference.vision_model.state_dict())
+    model.text.tower.load_state_dict(reference.text_model.state_dict())
+    if not hasattr(model, "logit_scale"):  # nCLIP: no contrastive latent, so no projections or scale
+        return
+    for ours, theirs in (("image_proj", "visual_projection"), ("text_proj", "text_projection")):
+        if hasattr(reference, theirs):  # SigLIP has none: its towers' heads project
+            getattr(model, ours).load_state_dict(getattr(reference, theirs).state_dict())
+    with torch.no_grad():
+        model.logit_scale.copy_(reference.logit_scale.detach().reshape(()))
+
+
+# -- locking -----------------------------------------------------------------------------------------------------
+def tower_groups(model: nn.Module, modality: str) -> list[list[nn.Module | nn.Parameter]]:
+    """A tower's layer groups, input to output, as open_clip locks them: embeddings (and the pre-LayerNorm), each
+    Transformer block, the final LayerNorm, then the projection."""
+    tower = model.visual if modality == "image" else model.text
+    projection = getattr(model, "image_proj" if modality == "image" else "text_proj", None)
+    groups = _transformers_groups(tower.tower) if isinstance(tower, TransformersTower) else _own_groups(tower)
+    return groups + ([[projection]] if projection is not None else [])
+
+
+def _transformers_groups(tower: nn.Module) -> list[list]:
+    first = [tower.embeddings, *([tower.pre_layrnorm] if hasattr(tower, "pre_layrnorm") else [])]
+    last = [m for name in ("post_layernorm", "final_layer_norm", "head") if (m := getattr(tower, name, None))]
+    return [first, *([layer] for layer in tower.encoder.layers), last]
+
+
+def _own_groups(tower: nn.Module) -> list[list]:
+    """Our VisionTower / TextTower."""
+    embeddings = [m for name in ("patch_embed", "cls_token", "pos_embed", "ln_pre", "token_embed")
+                  if (m := getattr(tower, name, None)) is not None]
+    final = [m for name in ("ln_post", "ln_final") if (m := getattr(tower, name, None)) is not None]
+    return [embeddings, *([block] for block in tower.blocks), final]
+
+
+def lock_tower(model: nn.Module, modality: str, unlocked_groups: int = 0) -> int:
+    """Freeze `modality`'s tower but its last `unlocked_groups` layer groups (open_clip's `lock_image_tower` /
+    `lock_text_tower`); returns the number of frozen parameters. LayerNorm parameters of frozen groups freeze
+    with them; our towers have no BatchNorm."""
+    groups = tower_groups(model, modality)
+    if not 0 <= unlocked_groups <= len(groups):
+        raise ValueError(f"{modality} tower has {len(groups)} layer groups; cannot unlock {unlocked_groups}")
+    frozen = 0
+    for group in groups[:len(groups) - unlocked_groups]:
+        for part in group:
+            for param in ([part] if isinstance(part, nn.Parameter) else part.parameters()):
+                param.requires_grad_(False)
+                frozen += param.numel()
+    logger.info("locked the %s tower: %d parameters frozen, last %d of %d groups train", modality, frozen,
+                unlocked_groups, len(groups))
+    return frozen
+
+
+def pretrained_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that come from the init checkpoint: towers, projections, logit scale (not the new
+    cluster heads), which train at a lower learning rate."""
+    parts = [model.visual, model.text, *(getattr(model, n) for n in ("image_proj", "text_proj") if hasattr(model, n))]
+    ids = {id(p) for part in parts for p in part.parameters()}
+    if hasattr(model, "logit_scale"):
+        ids.add(id(model.logit_scale))
+    return ids
