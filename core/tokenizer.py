@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # registered first, so their ids are 0, 1, 2
-EOS_TOKENS = (EOS, "<|endoftext|>")  # ours and SigLIP's; OpenAI CLIP's
+EOS_TOKENS = (EOS, "<|endoftext|>", "[SEP]")  # ours and SigLIP's; OpenAI CLIP's; BERT's
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int) -> TextTokenizer:

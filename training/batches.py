@@ -103,6 +103,10 @@ class BatchSampler:
         self.steps_per_epoch = len(cache) // global_batch
         self._last_draws: tuple[int, tuple] | None = None
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.cache)
+
     def global_indices(self, step: int) -> torch.Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.cache), self.seed, epoch)

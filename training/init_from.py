@@ -25,15 +25,20 @@ log = logging.getLogger(__name__)
 NEW_PARTS = ("image_head.", "text_head.", "image_proj.", "text_proj.", "logit_scale")
 
 
+ALL_PARTS = ("visual", "text", "image_proj", "text_proj", "logit_scale")
+
+
 @dataclasses.dataclass
 class InitSource:
-    """A run's starting point: its architecture, tokenizer, preprocessing and how to load its weights."""
+    """A run's starting point: its architecture, tokenizer, preprocessing (None: the run's own) and how to load
+    its weights; `pretrained_parts` names the model's children those weights fill (trained at a lower rate)."""
 
     model_config: ModelConfig
     tokenizer: TextTokenizer
-    preprocess: PreprocessConfig
+    preprocess: PreprocessConfig | None
     load_weights: Callable[[nn.Module], None]
     description: str
+    pretrained_parts: tuple[str, ...] = ALL_PARTS
 
 
 def resolve_init(src: str | Path, objective: str, cluster_head: ClusterHeadConfig) -> InitSource:
@@ -114,3 +119,59 @@ def _json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# -- a sentence-transformers text tower ----------------------------------------------------------------------------
+def resolve_text_tower(directory: str | Path, model_config: ModelConfig) -> InitSource:
+    """`train --text-tower DIR`: a sentence-transformers / BERT checkpoint directory (`config.json`,
+    `model.safetensors`, `tokenizer.json`, `1_Pooling/config.json`) as the text tower of `model_config`, its
+    WordPiece tokenizer (fixed to the config's context length) as the run's; the image tower stays the config's."""
+    from tokenizers import Tokenizer
+
+    from core.tokenizer import fix_length
+
+    directory = Path(directory)
+    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (directory / n).is_file()]
+    if missing:
+        raise ValueError(f"text tower {directory} lacks {', '.join(missing)} (a sentence-transformers directory "
+                         "with safetensors weights is expected)")
+    hf_config = _json(directory / "config.json")
+    if hf_config.get("model_type") != "bert":
+        raise ValueError(f"text tower {directory}: model_type {hf_config.get('model_type')!r} is not 'bert'")
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    pad_token = (tokenizer.padding or {}).get("pad_token", "[PAD]")
+    text_tokenizer = TextTokenizer(fix_length(tokenizer, model_config.text.context_length, pad_token))
+    spec = {"format": "bert", "transformers_config": hf_config, "pooling": _pooling(directory),
+            "pad_id": text_tokenizer.pad_id}
+    text = TextConfig(context_length=model_config.text.context_length, vocab_size=hf_config["vocab_size"],
+                      width=hf_config["hidden_size"], layers=hf_config["num_hidden_layers"],
+                      heads=hf_config["num_attention_heads"],
+                      mlp_ratio=hf_config["intermediate_size"] / hf_config["hidden_size"])
+    config = dataclasses.replace(model_config, text=text, text_tower=spec)
+    weights = _bert_weights(directory / "model.safetensors")
+    return InitSource(config, text_tokenizer, None, lambda model: _load_text_tower(model, weights),
+                      f"text tower {directory}", pretrained_parts=("text",))
+
+
+def _pooling(directory: Path) -> str:
+    """sentence-transformers' pooling mode (1_Pooling/config.json): mean (the default) or cls."""
+    pooling = _json(directory / "1_Pooling" / "config.json")
+    if pooling.get("pooling_mode_cls_token"):
+        return "cls"
+    if any(pooling.get(k) for k in ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens")):
+        raise ValueError(f"{directory}/1_Pooling: only mean and cls pooling are supported")
+    return "mean"
+
+
+def _bert_weights(path: Path) -> dict:
+    """The encoder's weights, without a `bert.` prefix or the pooler (pooling is the tower's own)."""
+    weights = {k.removeprefix("bert."): v for k, v in load_file(path).items()}
+    # position_ids: a buffer older transformers saved and newer ones rebuild
+    return {k: v for k, v in weights.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+
+
+def _load_text_tower(model: nn.Module, weights: dict) -> None:
+    missing, unexpected = model.text.encoder.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"text tower weights do not fit its config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")

@@ -66,6 +66,9 @@ class ModelConfig:
     # {"format": "clip" | "open_clip" | "siglip", "transformers_config": {...}}: the towers, projections and logit
     # scale are a transformers model's (train --init; training/towers.py), `vision` / `text` record their shapes
     pretrained: dict | None = None
+    # {"format": "bert", "transformers_config": {...}, "pooling": "mean", "pad_id": 0}: the text tower is a
+    # sentence-transformers encoder (train --text-tower; training/towers.py), `text` records its shape
+    text_tower: dict | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -242,7 +245,7 @@ class DualEncoder(nn.Module):
         self.config, self.cluster_temp = cfg, cluster_temp
         if cfg.pretrained is None:
             self.visual = VisionTower(cfg.vision)
-            self.text = TextTower(cfg.text, eos_id)
+            self.text = TextTower(cfg.text, eos_id) if cfg.text_tower is None else self._pooled_text_tower(cfg)
             if cfg.objective != "nclip":  # contrastive latent space
                 self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
                 self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
@@ -253,9 +256,23 @@ class DualEncoder(nn.Module):
             self.image_head = ClusterHead(cfg.vision.width, cfg.cluster_head)
             self.text_head = ClusterHead(cfg.text.width, cfg.cluster_head)
         # pretrained towers keep their own initialisation (their weights are loaded next): only new parts here
-        new_parts = [self] if cfg.pretrained is None else [m for n, m in self.named_children() if n.endswith("_head")]
-        for part in new_parts:
-            part.apply(_init_weights)
+        if cfg.pretrained is None:
+            pretrained = {id(m) for m in self.text.modules()} if cfg.text_tower is not None else set()
+            self.apply(lambda module: None if id(module) in pretrained else _init_weights(module))
+        else:
+            for part in (m for n, m in self.named_children() if n.endswith("_head")):
+                part.apply(_init_weights)
+
+    @staticmethod
+    def _pooled_text_tower(cfg: ModelConfig) -> nn.Module:
+        """A sentence-transformers encoder as the text tower (weights from its checkpoint or the run's)."""
+        from training.towers import pooled_text_tower
+
+        tower = pooled_text_tower(cfg.text_tower)
+        if tower.encoder.config.hidden_size != cfg.text.width:
+            raise ValueError(f"text.width {cfg.text.width} differs from the text tower's "
+                             f"{tower.encoder.config.hidden_size}")
+        return tower
 
     def _add_pretrained_towers(self, cfg: ModelConfig) -> None:
         """A transformers model's towers (shapes from its config; weights from the init or run checkpoint)."""

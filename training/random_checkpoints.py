@@ -176,3 +176,33 @@ def _random(name: str, shape: tuple, generator: torch.Generator) -> torch.Tensor
     """LayerNorm gains near 1, everything else small noise: activations stay in a sensible range."""
     noise = torch.randn(shape, generator=generator) * 0.05
     return noise + 1.0 if ".weight" in name and "ln_" in name else noise
+
+
+def save_sentence_transformer(directory: Path, seed: int = 0, pooling: str = "mean") -> Path:
+    """A random BERT sentence-transformers directory (config.json, model.safetensors, a WordPiece tokenizer.json
+    trained here, 1_Pooling/config.json), shaped like all-MiniLM-L6-v2 but tiny."""
+    from tokenizers import decoders, processors
+    from transformers import BertConfig, BertModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.train_from_iterator(sample_texts(), trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=specials, show_progress=False))
+    cls_id, sep_id = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    wordpiece.enable_padding(pad_id=wordpiece.token_to_id("[PAD]"), pad_token="[PAD]")
+    wordpiece.save(str(directory / "tokenizer.json"))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": pooling == "cls",
+         "pooling_mode_mean_tokens": pooling == "mean"}))
+    return directory

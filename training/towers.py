@@ -4,6 +4,8 @@ text towers, projections and logit scale become `DualEncoder`'s `visual`, `text`
 
 Architectures stay data: `ModelConfig.pretrained` holds the checkpoint's format and transformers config, from which
 `transformers_towers` rebuilds the modules (weights come from the init checkpoint, or from a run's checkpoint).
+A sentence-transformers checkpoint (BERT family, e.g. all-MiniLM-L6-v2) can be the text tower alone
+(`train --text-tower`, `ModelConfig.text_tower`): its token states pooled as it pools them, then a new projection.
 Also here: open_clip-style tower locking (`lock_tower`) and the parameters that count as pretrained.
 """
 
@@ -86,20 +88,65 @@ def load_pretrained_weights(model: nn.Module, reference: nn.Module) -> None:
         model.logit_scale.copy_(reference.logit_scale.detach().reshape(()))
 
 
+# -- a sentence-transformers text tower ----------------------------------------------------------------------------
+POOLINGS = ("mean", "cls")
+
+
+class PooledTextTower(nn.Module):
+    """A BERT-family encoder → pooled token states (B, width): the mean over the text's tokens (sentence-
+    transformers' mean pooling) or the [CLS] state. The mask comes from the ids (padding is `pad_id`), so the
+    ONNX text encoder still takes ids alone."""
+
+    def __init__(self, encoder: nn.Module, pad_id: int, pooling: str = "mean"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.encoder, self.pad_id, self.pooling = encoder, pad_id, pooling
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = (input_ids != self.pad_id).long()  # (B, L)
+        states = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, width)
+        if self.pooling == "cls":
+            return states[:, 0]
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        return (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def text_tower_model(spec: dict) -> nn.Module:
+    """The encoder of a `text_tower` spec {"format": "bert", "transformers_config", "pooling", "pad_id"}
+    (random weights, eager attention, no pooler layer: pooling is ours)."""
+    if spec.get("format") != "bert":
+        raise ValueError(f"text tower format must be 'bert', got {spec.get('format')!r}")
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig.from_dict(spec["transformers_config"])
+    config._attn_implementation = "eager"
+    return BertModel(config, add_pooling_layer=False)
+
+
+def pooled_text_tower(spec: dict) -> PooledTextTower:
+    return PooledTextTower(text_tower_model(spec), spec["pad_id"], spec.get("pooling", "mean"))
+
+
 # -- locking -----------------------------------------------------------------------------------------------------
 def tower_groups(model: nn.Module, modality: str) -> list[list[nn.Module | nn.Parameter]]:
     """A tower's layer groups, input to output, as open_clip locks them: embeddings (and the pre-LayerNorm), each
     Transformer block, the final LayerNorm, then the projection."""
     tower = model.visual if modality == "image" else model.text
     projection = getattr(model, "image_proj" if modality == "image" else "text_proj", None)
-    groups = _transformers_groups(tower.tower) if isinstance(tower, TransformersTower) else _own_groups(tower)
+    if isinstance(tower, (TransformersTower, PooledTextTower)):
+        groups = _transformers_groups(tower.tower if isinstance(tower, TransformersTower) else tower.encoder)
+    else:
+        groups = _own_groups(tower)
     return groups + ([[projection]] if projection is not None else [])
 
 
 def _transformers_groups(tower: nn.Module) -> list[list]:
+    """CLIP / SigLIP towers (`encoder.layers`) and BERT encoders (`encoder.layer`, no final norm)."""
     first = [tower.embeddings, *([tower.pre_layrnorm] if hasattr(tower, "pre_layrnorm") else [])]
     last = [m for name in ("post_layernorm", "final_layer_norm", "head") if (m := getattr(tower, name, None))]
-    return [first, *([layer] for layer in tower.encoder.layers), last]
+    layers = getattr(tower.encoder, "layers", None) or tower.encoder.layer
+    return [first, *([layer] for layer in layers), *([last] if last else [])]
 
 
 def _own_groups(tower: nn.Module) -> list[list]:
@@ -128,11 +175,14 @@ def lock_tower(model: nn.Module, modality: str, unlocked_groups: int = 0) -> int
     return frozen
 
 
-def pretrained_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters that come from the init checkpoint: towers, projections, logit scale (not the new
-    cluster heads), which train at a lower learning rate."""
-    parts = [model.visual, model.text, *(getattr(model, n) for n in ("image_proj", "text_proj") if hasattr(model, n))]
-    ids = {id(p) for part in parts for p in part.parameters()}
-    if hasattr(model, "logit_scale"):
-        ids.add(id(model.logit_scale))
+def pretrained_parameter_ids(model: nn.Module, parts: tuple[str, ...]) -> set[int]:
+    """ids of the parameters of `model`'s children named in `parts` (e.g. "visual", "text", "image_proj",
+    "logit_scale"): the ones that come from a pretrained checkpoint and train at a lower learning rate."""
+    ids = set()
+    for name in parts:
+        part = getattr(model, name, None)
+        if isinstance(part, nn.Parameter):
+            ids.add(id(part))
+        elif part is not None:
+            ids.update(id(p) for p in part.parameters())
     return ids

