@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bench.report import machine, markdown_table
+from bench.report import markdown_table, write_section
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40),
            "purple": (140, 60, 190), "orange": (250, 140, 20)}
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="batches read per mode (the first is timed apart)")
     parser.add_argument("--cache-subset", type=int, default=512, help="samples the cache path holds")
     parser.add_argument("--budget-mb", type=float, default=64.0, help="memory budget of choose_data_mode")
+    parser.add_argument("--no-write", action="store_true", help="Print only; leave docs/BENCHMARKS.md alone.")
     parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--pattern", help=argparse.SUPPRESS)
@@ -190,8 +191,14 @@ def report(args) -> None:
           f"{written:.0f} s; the cache of all of them would hold {full_cache_mb:.0f} MB of pixels: "
           f"choose_data_mode(budget {args.budget_mb:.0f} MB) = {mode!r}")
     results = {m: run_measurement(m, args) for m in MODES}
-    print(f"batch {args.batch}, {args.steps} batches per path, random resized crops on; {machine()}")
-    print(table(results, args))
+    setting = (f"{args.samples} JPEGs of {args.image_size} px in {args.shards} WebDataset shards ({shard_mb:.0f} MB; "
+               f"caching all of them would hold {full_cache_mb:.0f} MB of pixels, so `choose_data_mode` with a "
+               f"{args.budget_mb:.0f} MB budget picks {mode!r}); batch {args.batch}, {args.steps} batches per path, "
+               "random resized crops on; each path in its own process (peak RSS from `ru_maxrss`).")
+    body = f"{setting}\n\n{table(results, args)}\n"
+    print(body)
+    if not args.no_write:
+        write_section("streaming", "Training data: streamed vs cached (CPU)", body)
     print("samples/s: after the first batch; cache: its batches, and (build) its decode + resize pass. "
           "setup: counting the shards (stream) or building the cache. Peak RSS: each path's own process; "
           "worker peak: the largest DataLoader worker.")
