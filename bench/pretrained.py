@@ -102,7 +102,7 @@ def quantisation_rows(name: str, bundle, root: Path, repeats: int) -> list[list[
     prepared = root / "prepared.onnx"
     try:
         quant_pre_process(str(bundle.onnx_path("image")), str(prepared))
-    except AssertionError:  # as training.quantize.quantize_encoder
+    except Exception:  # noqa: BLE001 (as training.quantize.quantize_encoder)
         quant_pre_process(str(bundle.onnx_path("image")), str(prepared), skip_symbolic_shape=True)
     x = inputs_for(bundle, "image", 32)
     options = ort.SessionOptions()

@@ -33,6 +33,7 @@ LEGACY_KEYS = ("context_length", "image_size")
 OBJECTIVES = ("clip", "nclip", "xclip")
 MODALITIES = ("image", "text")
 VARIANTS = ("fp32", "int8", "fp16")  # fp16: for GPU execution providers
+TEXT_PADDINGS = ("fixed", "longest")
 FIXED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "preprocess.json", "label_sets.json")
 
 
@@ -50,6 +51,10 @@ class OnnxFiles:
     inputs: dict[str, str] = dataclasses.field(default_factory=dict)  # modality → input name
     outputs: tuple[str, ...] = ("embedding",)
     opset: int | None = None
+    # "fixed": the text encoder takes ids padded to the full context. "longest": its outputs do not depend on the
+    # padding after a text's end token (a causal tower pooled at that token, or pooling masked by the pad id) and
+    # its graph takes any length, so a batch is cut to its longest text; the exporter sets it only after checking
+    text_padding: str = "fixed"
 
     def file(self, modality: str, variant: str = "fp32") -> str:
         """File name of `modality`'s encoder in `variant`."""
@@ -141,8 +146,11 @@ def _onnx_files(value: object, where: str) -> OnnxFiles:
     inputs, outputs = value.get("inputs") or {}, value.get("outputs") or ["embedding"]
     if not isinstance(inputs, dict) or not isinstance(outputs, list):
         raise BundleError(f"{where}: 'onnx' inputs must be an object and outputs a list")
+    padding = value.get("text_padding", "fixed")
+    if padding not in TEXT_PADDINGS:
+        raise BundleError(f"{where}: 'onnx' text_padding must be one of {TEXT_PADDINGS}")
     return OnnxFiles(image=value["image"], text=value["text"], inputs=dict(inputs), outputs=tuple(outputs),
-                     opset=value.get("opset"))
+                     opset=value.get("opset"), text_padding=padding)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from core.bundle import MODALITIES, Bundle
 from core.preprocess import preprocess_batch
+from core.tokenizer import trim_to_longest
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class OnnxEncoder:
         inputs = np.ascontiguousarray(inputs, dtype=INPUT_DTYPES[modality])
         if inputs.ndim != INPUT_NDIM[modality]:
             raise ValueError(f"{modality} input must be {INPUT_NDIM[modality]}-D, got shape {inputs.shape}")
+        if modality == "text" and self.bundle.config.onnx.text_padding == "longest":
+            inputs = np.ascontiguousarray(trim_to_longest(inputs, self.bundle.tokenizer.eos_id))
         if self.io_binding:
             return self._run_bound(modality, inputs)
         feed = {self.input_names[modality]: inputs}

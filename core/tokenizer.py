@@ -117,3 +117,13 @@ class TextTokenizer:
     def decode(self, ids: np.ndarray | list[int]) -> str:
         """Text of one row of ids, specials and padding dropped."""
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+
+def trim_to_longest(ids: np.ndarray, end_id: int) -> np.ndarray:
+    """(B, L) ids cut after the last column any row needs: each row up to its first end token (a row without one
+    keeps its full length). For encoders whose outputs ignore what follows the end token."""
+    if ids.size == 0:
+        return ids
+    is_end = ids == end_id
+    lengths = np.where(is_end.any(axis=1), is_end.argmax(axis=1) + 1, ids.shape[1])
+    return ids[:, : int(lengths.max())]

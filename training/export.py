@@ -21,7 +21,7 @@ from core.bundle import BundleConfig, OnnxFiles, load_bundle
 from core.manifest import write_manifest
 from core.metrics import DEFAULT_TEMPLATES
 from core.preprocess import PreprocessConfig
-from core.tokenizer import TextTokenizer
+from core.tokenizer import TextTokenizer, trim_to_longest
 from training.encoders import ServedEncoder, output_names
 from training.losses import NClipConfig
 from training.model import DualEncoder, create_model
@@ -54,6 +54,8 @@ def export_onnx(encoder: ServedEncoder, example: torch.Tensor, path: Path, names
     """TorchScript-based exporter with a dynamic batch axis (the dynamo exporter renames our outputs)."""
     input_name = INPUT_NAMES[encoder.modality]
     axes = {name: {0: "batch"} for name in [input_name, *names]}
+    if encoder.modality == "text":  # any length: a batch may be cut to its longest text (text_padding_report)
+        axes[input_name] = {0: "batch", 1: "sequence"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(encoder, (example,), str(path), input_names=[input_name], output_names=names,
@@ -94,6 +96,26 @@ def check_parity(encoder: ServedEncoder, onnx_path: Path, inputs: dict[str, np.n
     return report
 
 
+def text_padding_report(encoder, onnx_path: Path, ids: np.ndarray, end_id: int) -> dict:
+    """Whether the text encoder may take a batch cut to its longest text: ONNX Runtime on the ids trimmed
+    together (`trim_to_longest`) and on each row trimmed alone, against torch on the full-length ids; `passed`
+    decides the bundle's `text_padding` ("longest" when within PARITY_TOLERANCE, else "fixed")."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = INPUT_NAMES["text"]
+    with torch.no_grad():
+        expected = encoder(torch.from_numpy(ids))[0].numpy()
+    try:
+        together = session.run(None, {name: trim_to_longest(ids, end_id)})[0]
+        alone = np.concatenate([session.run(None, {name: trim_to_longest(ids[i:i + 1], end_id)})[0]
+                                for i in range(len(ids))])
+    except Exception as err:  # a graph whose sequence length is fixed: ORT refuses other lengths  # noqa: BLE001
+        return {"passed": False, "error": str(err).splitlines()[0][:200]}
+    report = {"trimmed_vs_full": float(np.abs(together - expected).max()),
+              "each_trimmed_vs_full": float(np.abs(alone - expected).max())}
+    report["passed"] = max(report.values()) <= PARITY_TOLERANCE
+    return report
+
+
 def bundle_config(model: DualEncoder, meta: dict, metrics: dict, parity: dict) -> BundleConfig:
     """config.json: everything a reader needs, so nothing is re-typed in index/ or service/."""
     cfg = model.config
@@ -102,7 +124,8 @@ def bundle_config(model: DualEncoder, meta: dict, metrics: dict, parity: dict) -
     return BundleConfig(
         model_name=f"{cfg.name}-{cfg.objective}", objective=cfg.objective, embed_dim=cfg.retrieval_dim,
         num_clusters=cfg.cluster_head.num_clusters if cfg.has_clusters else 0, logit_scale=scale,
-        onnx=OnnxFiles(inputs=INPUT_NAMES, outputs=tuple(output_names(model)), opset=ONNX_OPSET),
+        onnx=OnnxFiles(inputs=INPUT_NAMES, outputs=tuple(output_names(model)), opset=ONNX_OPSET,
+                       text_padding="longest" if parity["text"]["padding"]["passed"] else "fixed"),
         cluster_temperature=nclip.student_temp if cfg.has_clusters else None,
         templates=tuple(meta["train"].get("templates") or DEFAULT_TEMPLATES), architecture=cfg.to_dict(),
         extra={"version": __version__, "data_fingerprint": meta.get("data_fingerprint"), "metrics": metrics,
@@ -155,6 +178,8 @@ def _write_onnx(model, meta, tokenizer, preprocess, tmp: Path, texts, images) ->
         inputs = parity_inputs(modality, tokenizer, preprocess, texts, images)
         export_onnx(encoder, torch.from_numpy(inputs["random"][:2]), tmp / f"{modality}_encoder.onnx", names)
         report[modality] = check_parity(encoder, tmp / f"{modality}_encoder.onnx", inputs, names)
+    report["text"]["padding"] = text_padding_report(ServedEncoder(model, "text").eval(), tmp / "text_encoder.onnx",
+                                                    tokenizer.encode(texts), tokenizer.eos_id)
     return report
 
 

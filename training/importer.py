@@ -33,6 +33,7 @@ from training.export import (
     ExportParityError,
     check_parity,
     export_onnx,
+    text_padding_report,
     write_bundle,
 )
 from training.pretrained import Pretrained, load_pretrained
@@ -79,6 +80,9 @@ def import_checkpoint(src: str | Path, out_dir: Path, name: str | None = None,
 
         def fill(tmp: Path) -> None:
             report = {m: _export_tower(pretrained, m, tmp, images) for m in MODALITIES}
+            report["text"]["padding"] = text_padding_report(
+                PretrainedTower(pretrained.model, "text").eval(), tmp / "text_encoder.onnx",
+                pretrained.tokenizer.encode(list(PARITY_TEXTS)), pretrained.tokenizer.eos_id)
             _write_files(pretrained, src, model_name, tmp, report)
             write_manifest(tmp)
             report["end_to_end"] = end_to_end_parity(pretrained, tmp, images)
@@ -148,7 +152,9 @@ def _write_files(pretrained: Pretrained, src: Path, model_name: str, tmp: Path, 
     config = BundleConfig(
         model_name=model_name, objective="clip", embed_dim=pretrained.embed_dim, num_clusters=0,
         logit_scale=pretrained.logit_scale, logit_bias=pretrained.logit_bias,
-        onnx=OnnxFiles(inputs=INPUT_NAMES, outputs=("embedding",), opset=ONNX_OPSET), templates=TEMPLATES,
+        onnx=OnnxFiles(inputs=INPUT_NAMES, outputs=("embedding",), opset=ONNX_OPSET,
+                       text_padding="longest" if report["text"]["padding"]["passed"] else "fixed"),
+        templates=TEMPLATES,
         extra={"version": __version__, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                # with model.safetensors, enough to rebuild the transformers model (fine-tuning from a bundle)
                "source": {"format": pretrained.kind, "directory": src.resolve().name,

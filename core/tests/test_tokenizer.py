@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.tokenizer import TextTokenizer, train_tokenizer
+from core.tokenizer import TextTokenizer, train_tokenizer, trim_to_longest
 
 CORPUS = [
     "grinning face",
@@ -93,3 +93,15 @@ def test_batch_equals_one_by_one(tokenizer):
 def test_empty_list(tokenizer):
     assert tokenizer.encode([]).shape == (0, CONTEXT)
     assert tokenizer.token_counts([]) == []
+
+
+@pytest.mark.parametrize("rows,expected_width", [
+    ([[1, 5, 2, 0, 0, 0], [1, 2, 0, 0, 0, 0]], 3),  # up to the longest row's end token
+    ([[1, 5, 6, 7, 8, 9], [1, 2, 0, 0, 0, 0]], 6),  # a row without an end token keeps the full length
+    ([[2, 2, 2, 2]], 1),  # pad == end (CLIP): the first end token counts
+])
+def test_trim_to_longest_keeps_every_rows_end_token(rows, expected_width):
+    ids = np.asarray(rows, np.int64)
+    trimmed = trim_to_longest(ids, end_id=2)
+    assert trimmed.shape == (len(rows), expected_width)
+    np.testing.assert_array_equal(trimmed, ids[:, :expected_width])

@@ -240,3 +240,19 @@ def test_eval_cli_refuses_a_template_without_one_placeholder(bundle_dir, shapes_
     result = CliRunner().invoke(app, ["eval", "--bundle", str(bundle_dir), "--data", str(shapes_data),
                                       "--template", "no placeholder"])
     assert result.exit_code == 2 and "exactly one '{}'" in result.output
+
+
+def test_a_causal_text_tower_takes_batches_cut_to_their_longest_text(bundle_dir, run_dir):
+    """The export checks that what follows a text's end token does not matter, then marks the bundle
+    `text_padding: longest`; the served embeddings of a mixed-length batch equal the full-context ones."""
+    bundle = load_bundle(bundle_dir)
+    assert bundle.config.onnx.text_padding == "longest"
+    assert bundle.config.extra["parity"]["text"]["padding"]["passed"]
+    texts = ["red circle", "a blue square that is a blue square icon", "x"]
+    ids = bundle.tokenizer.encode(texts)
+    served = OnnxEncoder(bundle, providers="cpu").encode_texts(texts)["embedding"]
+    full = ort.InferenceSession(str(bundle.onnx_path("text")), providers=["CPUExecutionProvider"]).run(
+        ["embedding"], {"input_ids": ids})[0]
+    np.testing.assert_allclose(served, full, atol=1e-5)
+    reference = torch_encoder_from_bundle(bundle_dir).encode_texts(texts)["embedding"]
+    np.testing.assert_allclose(served, reference, atol=1e-4)

@@ -76,12 +76,14 @@ def test_the_config_carries_the_models_own_scale_and_bias(imported, kind):
     model = load_pretrained(src).model
     assert bundle.objective == "clip" and bundle.num_clusters == 0
     assert bundle.logit_scale == pytest.approx(float(model.logit_scale.exp()))
-    if kind == "siglip":
+    if kind == "siglip":  # attends to its padding: texts stay padded to the full context
         assert bundle.config.logit_bias == pytest.approx(float(model.logit_bias))
         assert (bundle.preprocess.resize_mode, bundle.tokenizer.context_length) == ("squash", 16)
-    else:
+        assert bundle.config.onnx.text_padding == "fixed"
+    else:  # causal, pooled at the end token: a batch is cut to its longest text
         assert bundle.config.logit_bias is None
         assert (bundle.preprocess.resize_mode, bundle.tokenizer.context_length) == ("resize_center_crop", 77)
+        assert bundle.config.onnx.text_padding == "longest"
     parity = bundle.config.extra["parity"]
     assert parity["end_to_end"]["passed"] and parity["image"]["passed"] and parity["text"]["passed"]
 
