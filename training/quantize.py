@@ -4,6 +4,7 @@ zero-shot accuracy change, file sizes) stored under its name in config.json."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -42,7 +43,9 @@ def fp16_encoder(fp32_path: Path, fp16_path: Path) -> None:
 
 def quantize_encoder(fp32_path: Path, int8_path: Path) -> None:
     """Shape-infer and fold the fp32 graph (ORT's recommended pre-processing), then quantise MatMul/Gemm."""
-    with tempfile.TemporaryDirectory() as tmp:
+    fp32_path, int8_path = Path(fp32_path).resolve(), Path(int8_path).resolve()
+    # in the scratch directory: a failing symbolic shape inference leaves its temporary files in the cwd
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         prepared = Path(tmp) / fp32_path.name
         try:
             quant_pre_process(str(fp32_path), str(prepared))
