@@ -10,6 +10,7 @@ Writes the `pretrained` section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -110,10 +111,12 @@ def quantisation_rows(name: str, bundle, root: Path, repeats: int) -> list[list[
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = root / "prepared.onnx"
-    try:
-        quant_pre_process(str(bundle.onnx_path("image")), str(prepared))
-    except Exception:  # noqa: BLE001 (as training.quantize.quantize_encoder)
-        quant_pre_process(str(bundle.onnx_path("image")), str(prepared), skip_symbolic_shape=True)
+    with contextlib.chdir(root):  # as training.quantize.quantize_encoder: its temporary files stay in `root`
+        try:
+            quant_pre_process(str(bundle.onnx_path("image").resolve()), str(prepared.resolve()))
+        except Exception:  # noqa: BLE001
+            quant_pre_process(str(bundle.onnx_path("image").resolve()), str(prepared.resolve()),
+                              skip_symbolic_shape=True)
     x = inputs_for(bundle, "image", 32)
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
