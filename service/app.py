@@ -32,7 +32,7 @@ from service.inputs import InputDecoder
 from service.logs import configure_logging, request_id
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
-from service.routers import classify, collections, compat, embeddings, models, ops
+from service.routers import classify, collections, compat, embeddings, models, ops, ui
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _add_routers(app: FastAPI, settings: Settings) -> None:
-    for router in (embeddings.router, classify.router, collections.router, models.router, ops.router):
+    for router in (embeddings.router, classify.router, collections.router, models.router, ops.router, ui.router):
         app.include_router(router)
     open_compat = _open_compat(settings)
     for name, router in (("clip-retrieval", compat.clip_retrieval), ("weaviate", compat.weaviate)):
@@ -75,6 +75,7 @@ async def _lifespan(app: FastAPI):
     state = _build_state(settings)
     app.state.xclip = state
     _warn_about_open_routes(settings)
+    logger.info("web page: http://%s:%d/ui", settings.host, settings.port)
     state.engine.collections.resume_reembeds()
     try:
         yield

@@ -1,4 +1,5 @@
-"""What `make demo` prints once the service is up: an API key file and example calls that work as printed."""
+"""What `make demo` prints once the service is up: an API key file, example calls that work as printed, and the
+address of the web page."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def create_demo_key(path: Path, scopes: tuple[str, ...] = ("admin",)) -> str:
 
 
 def example_commands(base_url: str, key: str, image: Path, collection: str = "emoji") -> str:
-    """curl commands for embeddings, tagging, search and clusters, plus an openai SDK snippet."""
+    """curl commands for embeddings, tagging, search and clusters, an openai SDK snippet, and, last so that it is
+    what a person sees, the web page's address."""
     python = sys.executable  # the project's interpreter, which has the openai SDK
     auth = f'-H "Authorization: Bearer {key}"'
     js = '-H "Content-Type: application/json"'
@@ -41,4 +43,7 @@ curl -s {base_url}/v1/embed/image {auth} -F files=@{image} -F clusters=true -F c
 {python} -c "import openai; c = openai.OpenAI(base_url='{base_url}/v1', api_key='{key}'); \\
 print(len(c.embeddings.create(model='active', input='a red heart').data[0].embedding))"
 # interactive API docs: {base_url}/docs
+
+# the web page (search, tagging, clusters, models), once the server below is up; paste the key above into it:
+#   {base_url}/ui
 """
