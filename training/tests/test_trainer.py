@@ -164,3 +164,26 @@ def test_the_run_config_records_the_nclip_values_its_objective_trains_with(tmp_p
     chosen = tiny_config(tmp_path, tmp_path / "run", objective="nclip",
                          nclip=NClipConfig(sinkhorn_iters=3)).nclip
     assert (chosen.sinkhorn_iters, chosen.lambda_he) == (3, 1.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from training.random_checkpoints import save_clip
+
+    return save_clip(tmp_path_factory.mktemp("ckpt") / "tiny-clip")
+
+
+@pytest.mark.parametrize("case", ["init", "stream"])
+def test_two_process_ddp_matches_single_process_when_fine_tuning_or_streaming(shapes_data, tmp_path, case,
+                                                                               tiny_checkpoint):
+    """Pretrained towers (their lower learning rate included), and streamed batches whose label-prompt rows each
+    rank knows only for its own share (gathered), train as one process does."""
+    extra = ({"init": str(tiny_checkpoint)} if case == "init" else
+             {"data_mode": "stream", "stream_workers": 0, "label_prompt_prob": 0.5, "label_prompt_set": "shape"})
+    common = {"objective": "xclip", "max_steps": 3, "epochs": 1, "checkpoint_every": 100, **extra}
+    _torchrun(tiny_config(shapes_data, tmp_path / "single", **common), 1, tmp_path)
+    _torchrun(tiny_config(shapes_data, tmp_path / "ddp", **common), 2, tmp_path)
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert len(single) == 3
+    for (s1, loss1, _), (s2, loss2, _) in zip(single, ddp):
+        assert s1 == s2 and loss2 == pytest.approx(loss1, rel=1e-5, abs=1e-6)
