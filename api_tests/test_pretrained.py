@@ -95,3 +95,17 @@ def test_import_refuses_a_directory_that_is_no_checkpoint(tmp_path):
     done = subprocess.run([sys.executable, "-m", "xclip_serve.cli", "import", str(tmp_path / "ckpt"), "--output",
                            str(tmp_path / "bundle")], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2 and "model.safetensors" in done.stderr and not (tmp_path / "bundle").exists()
+
+
+def test_import_records_the_templates_given_and_refuses_a_bad_one(tmp_path):
+    src = save_clip(tmp_path / "ckpt")
+    command = [sys.executable, "-m", "xclip_serve.cli", "import", str(src), "--output", str(tmp_path / "bundle")]
+    bad = subprocess.run([*command, "--template", "a photo"], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert bad.returncode == 2 and "--template" in bad.stderr and not (tmp_path / "bundle").exists()
+    done = subprocess.run([*command, "--template", "a photo of a {}.", "--template", "a drawing of a {}."],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from core.bundle import load_bundle
+
+    assert load_bundle(tmp_path / "bundle").config.templates == ("a photo of a {}.", "a drawing of a {}.")

@@ -24,6 +24,7 @@ from torch import nn
 from core import __version__
 from core.bundle import MODALITIES, BundleConfig, OnnxFiles, load_bundle
 from core.manifest import write_manifest
+from core.metrics import check_templates
 from core.onnx_encoder import OnnxEncoder
 from core.preprocess import load_image, preprocess_batch
 from training.export import (
@@ -69,9 +70,12 @@ def _tensor(features) -> torch.Tensor:
 
 
 def import_checkpoint(src: str | Path, out_dir: Path, name: str | None = None,
-                      parity_images: Sequence[Path] = (), overwrite: bool = False) -> Path:
-    """Write the bundle of checkpoint directory `src` to `out_dir`; ExportParityError (nothing written) when its
-    embeddings differ from the reference's by more than PARITY_TOLERANCE."""
+                      parity_images: Sequence[Path] = (), overwrite: bool = False,
+                      templates: Sequence[str] | None = None) -> Path:
+    """Write the bundle of checkpoint directory `src` to `out_dir`, with `templates` as its zero-shot prompts
+    (default: CLIP's "a photo of a {}."); ExportParityError (nothing written) when its embeddings differ from the
+    reference's by more than PARITY_TOLERANCE."""
+    templates = check_templates(templates or TEMPLATES)
     src = Path(src)
     pretrained = load_pretrained(src)
     model_name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", src.resolve().name).strip("-") or pretrained.kind
@@ -83,7 +87,7 @@ def import_checkpoint(src: str | Path, out_dir: Path, name: str | None = None,
             report["text"]["padding"] = text_padding_report(
                 PretrainedTower(pretrained.model, "text").eval(), tmp / "text_encoder.onnx",
                 pretrained.tokenizer.encode(list(PARITY_TEXTS)), pretrained.tokenizer.eos_id)
-            _write_files(pretrained, src, model_name, tmp, report)
+            _write_files(pretrained, src, model_name, tmp, report, templates)
             write_manifest(tmp)
             report["end_to_end"] = end_to_end_parity(pretrained, tmp, images)
             _record_parity(tmp, report)
@@ -147,14 +151,15 @@ def _max_diff(ours: np.ndarray, reference: torch.Tensor) -> float:
     return float(np.abs(ours - F.normalize(reference, dim=-1).numpy()).max())
 
 
-def _write_files(pretrained: Pretrained, src: Path, model_name: str, tmp: Path, report: dict) -> None:
+def _write_files(pretrained: Pretrained, src: Path, model_name: str, tmp: Path, report: dict,
+                 templates: tuple[str, ...]) -> None:
     """config.json, the weights, tokenizer, preprocessing and (empty) label sets."""
     config = BundleConfig(
         model_name=model_name, objective="clip", embed_dim=pretrained.embed_dim, num_clusters=0,
         logit_scale=pretrained.logit_scale, logit_bias=pretrained.logit_bias,
         onnx=OnnxFiles(inputs=INPUT_NAMES, outputs=("embedding",), opset=ONNX_OPSET,
                        text_padding="longest" if report["text"]["padding"]["passed"] else "fixed"),
-        templates=TEMPLATES,
+        templates=templates,
         extra={"version": __version__, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                # with model.safetensors, enough to rebuild the transformers model (fine-tuning from a bundle)
                "source": {"format": pretrained.kind, "directory": src.resolve().name,

@@ -167,6 +167,8 @@ def import_(
     name: Annotated[str | None, typer.Option(help="Model name (default: the directory's name).")] = None,
     parity_images: Annotated[list[Path] | None, typer.Option(
         "--parity-image", help="Your own image files to add to the parity check (repeatable).")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        help="Zero-shot prompt template with one '{}' (repeat to ensemble); default 'a photo of a {}.'.")] = None,
     int8: Annotated[bool, typer.Option(help="Also write dynamic-quantised INT8 encoders (CPU).")] = False,
     fp16: Annotated[bool, typer.Option(help="Also write fp16 encoders (GPU execution providers).")] = False,
     overwrite: bool = False,
@@ -174,12 +176,18 @@ def import_(
     """Import a pretrained checkpoint into a bundle, gated on parity with transformers."""
     from transformers.utils import logging as transformers_logging
 
+    from core.metrics import check_templates
     from training.importer import import_checkpoint
     from training.pretrained import CheckpointError
 
     transformers_logging.set_verbosity_error()  # its notes on optional backends (torchvision) are not ours
     try:
-        bundle = import_checkpoint(src, output, name=name, parity_images=parity_images or (), overwrite=overwrite)
+        templates = check_templates(template) if template else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--template") from err
+    try:
+        bundle = import_checkpoint(src, output, name=name, parity_images=parity_images or (), overwrite=overwrite,
+                                   templates=templates)
     except (CheckpointError, FileExistsError) as err:
         raise typer.BadParameter(str(err), param_hint="SRC" if isinstance(err, CheckpointError) else "--output") \
             from err
