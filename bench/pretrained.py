@@ -10,7 +10,6 @@ Writes the `pretrained` section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from core.bundle import load_bundle
 from core.onnx_encoder import OnnxEncoder
 from core.tokenizer import trim_to_longest
 from training.importer import PretrainedTower, import_checkpoint
-from training.quantize import OP_TYPES, embedding_agreement, quantize_encoder
+from training.quantize import OP_TYPES, embedding_agreement, prepare_for_quantisation, quantize_encoder
 from training.random_checkpoints import save_clip, save_siglip
 
 MODELS = {"b32": ("CLIP ViT-B/32", save_clip), "siglip-base": ("SigLIP base/16-224", save_siglip)}
@@ -108,15 +107,8 @@ def quantisation_rows(name: str, bundle, root: Path, repeats: int) -> list[list[
     """Image encoder at batch 32: throughput and cosine to fp32 of each QUANT_VARIANTS setting."""
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = root / "prepared.onnx"
-    with contextlib.chdir(root):  # as training.quantize.quantize_encoder: its temporary files stay in `root`
-        try:
-            quant_pre_process(str(bundle.onnx_path("image").resolve()), str(prepared.resolve()))
-        except Exception:  # noqa: BLE001
-            quant_pre_process(str(bundle.onnx_path("image").resolve()), str(prepared.resolve()),
-                              skip_symbolic_shape=True)
+    prepared = prepare_for_quantisation(bundle.onnx_path("image"), root)
     x = inputs_for(bundle, "image", 32)
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1

@@ -41,8 +41,6 @@ TO_SAFETENSORS = (
     "save_file; save_file(torch.load('{name}', weights_only=True), '{target}')\" (a transformers directory: "
     "CLIPModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))"
 )
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class CheckpointError(ValueError):
@@ -234,15 +232,14 @@ def _preprocess_of(processor) -> PreprocessConfig:
 
 
 def _open_clip_preprocess(cfg: dict, image_size: int) -> PreprocessConfig:
-    """OpenCLIP's preprocess_cfg as our preprocessing: 'shortest' (the default) is Resize + CenterCrop."""
+    """OpenCLIP's preprocess_cfg (defaults filled by `read_open_clip`) as our preprocessing: 'shortest' is
+    Resize + CenterCrop, 'squash' a plain resize."""
     modes = {"shortest": "resize_center_crop", "squash": "squash"}
-    mode = cfg.get("resize_mode", "shortest")
-    if mode not in modes:
-        raise CheckpointError(f"open_clip_config.json preprocess_cfg resize_mode {mode!r} is not supported "
-                              f"(supported: {sorted(modes)})")
-    return PreprocessConfig(image_size=image_size, resize_mode=modes[mode], resize_size=None,
-                            mean=tuple(cfg.get("mean", OPENAI_MEAN)), std=tuple(cfg.get("std", OPENAI_STD)),
-                            interpolation=cfg.get("interpolation", "bicubic"), reducing_gap=None)
+    if cfg["resize_mode"] not in modes:
+        raise CheckpointError(f"open_clip_config.json preprocess_cfg resize_mode {cfg['resize_mode']!r} is not "
+                              f"supported (supported: {sorted(modes)})")
+    return PreprocessConfig(image_size=image_size, resize_mode=modes[cfg["resize_mode"]], mean=tuple(cfg["mean"]),
+                            std=tuple(cfg["std"]), interpolation=cfg["interpolation"], reducing_gap=None)
 
 
 def _read_json(path: Path) -> dict:

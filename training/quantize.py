@@ -43,18 +43,24 @@ def fp16_encoder(fp32_path: Path, fp16_path: Path) -> None:
 
 def quantize_encoder(fp32_path: Path, int8_path: Path) -> None:
     """Shape-infer and fold the fp32 graph (ORT's recommended pre-processing), then quantise MatMul/Gemm."""
-    fp32_path, int8_path = Path(fp32_path).resolve(), Path(int8_path).resolve()
-    # in the scratch directory: a failing symbolic shape inference leaves its temporary files in the cwd
-    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
-        prepared = Path(tmp) / fp32_path.name
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = prepare_for_quantisation(fp32_path, Path(tmp))
+        quantize_dynamic(prepared, Path(int8_path).resolve(), weight_type=WEIGHT_TYPE, op_types_to_quantize=OP_TYPES)
+
+
+def prepare_for_quantisation(fp32_path: Path, scratch: Path) -> Path:
+    """ORT's recommended pre-processing (shape inference and folding) of an fp32 graph, written into `scratch`.
+    Its symbolic shape inference gives up on some graphs (SigLIP's pooling head, a dynamic sequence axis): then
+    ONNX shape inference alone. It runs inside `scratch`, where a failing inference leaves its temporary files."""
+    fp32_path, prepared = Path(fp32_path).resolve(), Path(scratch).resolve() / "prepared.onnx"
+    with contextlib.chdir(scratch):
         try:
             quant_pre_process(str(fp32_path), str(prepared))
-        # ORT's symbolic shape inference gives up on some graphs (SigLIP's pooling head, a dynamic sequence axis)
         except Exception:  # noqa: BLE001 (it raises bare Exception and AssertionError)
             log.info("symbolic shape inference failed on %s; pre-processing with ONNX shape inference only",
                      fp32_path.name)
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_dynamic(prepared, int8_path, weight_type=WEIGHT_TYPE, op_types_to_quantize=OP_TYPES)
+    return prepared
 
 
 CONVERTERS = {"int8": quantize_encoder, "fp16": fp16_encoder}
