@@ -82,9 +82,6 @@ class TrainConfig:
     label_prompt_set: str = "subcategory"
     resume: bool = True
     progress: bool = True
-    # Fine-tuning (`--init`): start from a pretrained checkpoint or a bundle (training/init_from.py); its weights
-    # train at `init_lr_scale` × lr (new cluster heads at lr). Locking as open_clip: a locked tower trains only its
-    # last `*_unlocked_groups` layer groups (embeddings, each block, final norm, projection).
     # Training data: "cache" preprocesses every image into memory once (fast epochs, small data); "stream" decodes
     # and augments in DataLoader workers as it goes (training/streaming.py: any size, exact resume); "auto" caches
     # when the preprocessed pixels fit `cache_budget_mb`. Shard sets without sizes.json: give train_num_samples.
@@ -92,6 +89,9 @@ class TrainConfig:
     cache_budget_mb: int = 4096
     stream_workers: int = 2
     train_num_samples: int | None = None
+    # Fine-tuning (`--init`): start from a pretrained checkpoint or a bundle (training/init_from.py); its weights
+    # train at `init_lr_scale` × lr (new cluster heads at lr). Locking as open_clip: a locked tower trains only its
+    # last `*_unlocked_groups` layer groups (embeddings, each block, final norm, projection).
     init: str | None = None
     # a sentence-transformers checkpoint directory as the text tower (its tokenizer too); the image tower is the
     # model config's, from scratch
