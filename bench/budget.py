@@ -1,0 +1,142 @@
+"""Training recipes compared at one budget of CPU time: each recipe's CPU seconds per step measured once, its epochs
+set so that its training spends what the reference recipe's epochs spend, then train → export → eval through ONNX
+for every (recipe, seed), `jobs` runs side by side. Results are saved after every run, so a rerun (even from a fresh
+checkout, when they are kept under docs/) trains only what is missing.
+
+CPU time rather than wall time, so that a machine shared with other work shortens no recipe; one thread per
+training process, waiting threads asleep rather than spinning, so that CPU time measures work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.objectives import heldout_cluster_stats
+
+CALIBRATION_STEPS = (5, 35)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A name, the data set it trains on and its extra `train` arguments."""
+
+    name: str
+    data: str
+    args: tuple[str, ...] = ()
+
+
+def cli(*args: str) -> float:
+    """Run `xclip-serve ARGS`; the CPU seconds (user + system) it and its children spent."""
+    process = subprocess.Popen([sys.executable, "-m", "xclip_serve.cli", *args], env=ENV)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, args)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train_args(recipe: Recipe, run: Path, objective: str, seed: int, epochs: int, max_steps=None) -> list[str]:
+    return ["train", "--data", recipe.data, "--output", str(run), "--model", "small", "--objective", objective,
+            "--epochs", str(epochs), "--seed", str(seed), "--eval-every", "0", "--no-resume", *recipe.args,
+            *(["--max-steps", str(max_steps)] if max_steps else [])]
+
+
+def cpu_seconds_per_step(recipe: Recipe, work: Path, epochs: int) -> float:
+    """A recipe's CPU seconds per training step: two short runs, differenced (start-up, data loading and the
+    final evaluation cancel)."""
+    spent = [cli(*train_args(recipe, work / f"calibrate-{recipe.name}-{steps}", "xclip", 0, epochs, max_steps=steps))
+             for steps in CALIBRATION_STEPS]
+    return (spent[1] - spent[0]) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+
+
+def steps_per_epoch(data: str, batch_size: int = 64) -> int:
+    """Training steps in one epoch of a data set's train split."""
+    from core import data as datasets
+
+    return max(1, sum(1 for _ in datasets.iter_samples(data, split="train")) // batch_size)
+
+
+def budget(recipes: list[Recipe], reference: Recipe, reference_epochs: int, work: Path) -> dict:
+    """Epochs per recipe so that each spends the CPU time of `reference_epochs` epochs of `reference`."""
+    cost = {r.name: cpu_seconds_per_step(r, work, reference_epochs) for r in recipes}
+    steps = {r.name: steps_per_epoch(r.data) for r in recipes}
+    spend = reference_epochs * steps[reference.name] * cost[reference.name]
+    epochs = {r.name: max(1, round(spend / (steps[r.name] * cost[r.name]))) for r in recipes}
+    return {"epochs": epochs, "cpu_seconds_per_step": cost, "scratch_epochs": reference_epochs}
+
+
+def run_one(recipe: Recipe, objective: str, seed: int, epochs: int, work: Path, eval_data: str,
+            splits: tuple[str, ...]) -> dict:
+    """Train, export and evaluate one recipe and seed: the first split's metrics at the top level, the others
+    under their split's name, cluster use on the held-out images, training CPU and wall seconds."""
+    stem = work / f"{recipe.name}-{objective}-s{seed}"
+    bundle = Path(f"{stem}-bundle")
+    start = time.perf_counter()
+    train_cpu = cli(*train_args(recipe, stem, objective, seed, epochs))
+    train_seconds = time.perf_counter() - start
+    cli("export", "--run", str(stem), "--output", str(bundle), "--data", recipe.data, "--overwrite")
+    by_split = {}
+    for split in splits:
+        metrics_file = Path(f"{stem}-{split}.json")
+        cli("eval", "--bundle", str(bundle), "--data", eval_data, "--split", split, "--output", str(metrics_file))
+        by_split[split] = json.loads(metrics_file.read_text())
+    clusters = heldout_cluster_stats(bundle, eval_data)
+    return {**by_split[splits[0]], **{s: by_split[s] for s in splits[1:]}, "train_seconds": train_seconds,
+            "train_cpu_seconds": train_cpu, "epochs": epochs, "clusters_used_frac": clusters.get("clusters_used_frac")}
+
+
+@dataclasses.dataclass
+class BudgetBench:
+    """The (recipe, objective, seed) runs still missing from `results["runs"]`, trained `jobs` at a time; each
+    result saved to `path` and `report`ed as it lands."""
+
+    results: dict
+    path: Path
+    work: Path
+    seeds: list[int]
+    jobs: int
+    eval_data: str
+    report: Callable[[dict], None]
+    splits: tuple[str, ...] = ("test",)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def missing(self, recipes: list[Recipe], objective: str) -> list[tuple[Recipe, str, int]]:
+        """Seed-major, so that every recipe has its first seeds before any has its last."""
+        runs = self.results.get("runs", {})
+        return [(r, objective, seed) for seed in self.seeds for r in recipes
+                if str(seed) not in runs.get(f"{r.name}-{objective}", {})]
+
+    def run(self, todo: list[tuple[Recipe, str, int]]) -> None:
+        with ThreadPoolExecutor(self.jobs) as pool:
+            list(pool.map(lambda job: self.one(*job), todo))
+
+    def one(self, recipe: Recipe, objective: str, seed: int) -> None:
+        metrics = run_one(recipe, objective, seed, self.results["budget"]["epochs"][recipe.name], self.work,
+                          self.eval_data, self.splits)
+        with self.lock:
+            self.results.setdefault("runs", {}).setdefault(f"{recipe.name}-{objective}", {})[str(seed)] = metrics
+            self.save()
+            self.report(self.results)
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.results, indent=1) + "\n")
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def mean_of(results: dict, key: str, metric: str = "retrieval/t2i_r1", split: str | None = None) -> float:
+    """The mean of one metric over a recipe's finished seeds (of `split`'s metrics when given)."""
+    runs = [r[split] if split else r for r in results.get("runs", {}).get(key, {}).values()]
+    return sum(r[metric] for r in runs) / max(len(runs), 1)
