@@ -30,6 +30,7 @@ CAPTIONS_CSV = "captions.csv"
 CAPTION_KEYS = ("text", "caption")  # record fields holding one caption or a list of them
 CSV_CAPTION_SEPARATOR = "||"  # several captions in one CSV cell: "a cat || a kitten"
 CSV_LABEL_PREFIX = "label_"  # CSV column "label_category" -> labels["category"]
+CSV_FACET_PREFIX = "facet_"  # CSV column "facet_vendor" -> facets["vendor"]
 SHARD_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # WebDataset image members, in order of preference
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 WARNINGS_PER_REASON = 10  # skipped records logged at WARNING per reason; the rest go to DEBUG
@@ -45,6 +46,9 @@ class Sample:
     labels: dict[str, str] = field(default_factory=dict)  # label name -> value, e.g. {"category": "flags"}
     split: str | None = None  # "train" | "val" | "test" | None
     group: str = ""  # samples showing the same concept share a group (retrieval hits); defaults to key
+    # how the image is drawn or where it comes from, not what it shows, e.g. {"vendor": "twitter"}: evaluation
+    # reports each value apart; never a label (nothing is trained or classified on it)
+    facets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.group:
@@ -317,17 +321,27 @@ def _require_texts(texts: list[str], key: str) -> list[str]:
 
 def _clean_labels(value, key: str) -> dict[str, str]:
     """Label dict with string values; empty values are dropped, non-scalar ones reject the record."""
+    return _string_map(value, key, "bad_labels")
+
+
+def _clean_facets(value, key: str) -> dict[str, str]:
+    """Facet dict with string values ({"vendor": "twitter"}), by the labels' rules."""
+    return _string_map(value, key, "bad_facets")
+
+
+def _string_map(value, key: str, reason: str) -> dict[str, str]:
+    """A {name: scalar} object as {name: string}; empty values are dropped, anything else rejects the record."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Rejected("bad_labels", key, repr(value)[:80])
-    labels = {}
+        raise _Rejected(reason, key, repr(value)[:80])
+    strings = {}
     for name, raw in value.items():
         if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-            raise _Rejected("bad_labels", key, f"{name}={raw!r}"[:80])
+            raise _Rejected(reason, key, f"{name}={raw!r}"[:80])
         if str(raw).strip():
-            labels[str(name).strip()] = str(raw).strip()
-    return labels
+            strings[str(name).strip()] = str(raw).strip()
+    return strings
 
 
 def _clean_group(value, key: str) -> str:
@@ -389,10 +403,11 @@ def _file_sample(obj: dict, root: Path, where: str, split: str | None) -> Sample
     key, path = _image_path(root, obj.get("image"), where)
     texts = _require_texts(_clean_texts(_caption_values(obj)), key)
     labels = _clean_labels(obj.get("labels"), key)
+    facets = _clean_facets(obj.get("facets"), key)
     if not path.is_file():
         raise _Rejected("missing_image", key, str(path))
     image = _decode(key, path)
-    return Sample(key, image, texts, labels, record_split, _clean_group(obj.get("group"), key))
+    return Sample(key, image, texts, labels, record_split, _clean_group(obj.get("group"), key), facets)
 
 
 def _read_folder(captions: Path, split: str | None) -> Iterator[_Record]:
@@ -459,17 +474,22 @@ def _csv_record(row: dict, where: str) -> dict:
     cells = [value for value in row.values() if isinstance(value, str)]
     if any(has_surrogates(cell) for cell in cells):
         raise _Rejected("bad_encoding", where)
-    labels = {
-        name[len(CSV_LABEL_PREFIX) :]: value
-        for name, value in row.items()
-        if isinstance(name, str) and name.startswith(CSV_LABEL_PREFIX) and value
-    }
     return {
         "image": row.get("image"),
         "text": (row.get("text") or "").split(CSV_CAPTION_SEPARATOR),
-        "labels": labels,
+        "labels": _prefixed_columns(row, CSV_LABEL_PREFIX),
+        "facets": _prefixed_columns(row, CSV_FACET_PREFIX),
         "split": row.get("split"),
         "group": row.get("group"),
+    }
+
+
+def _prefixed_columns(row: dict, prefix: str) -> dict:
+    """The non-empty cells of the columns named `<prefix><name>`, keyed by name."""
+    return {
+        name[len(prefix) :]: value
+        for name, value in row.items()
+        if isinstance(name, str) and name.startswith(prefix) and value
     }
 
 
@@ -569,11 +589,12 @@ def _shard_sample(raw: dict, split: str | None) -> Sample | None:
         return None
     texts = _require_texts(_clean_texts(_shard_caption(raw, key) + _caption_values(obj)), key)
     labels = _clean_labels(obj.get("labels"), key)
+    facets = _clean_facets(obj.get("facets"), key)
     image_bytes = next((raw[suffix] for suffix in SHARD_IMAGE_SUFFIXES if suffix in raw), None)
     if image_bytes is None:
         raise _Rejected("missing_image", key, raw.get("__url__", ""))
     image = _decode(key, image_bytes)
-    return Sample(key, image, texts, labels, record_split, _clean_group(obj.get("group"), key))
+    return Sample(key, image, texts, labels, record_split, _clean_group(obj.get("group"), key), facets)
 
 
 def _shard_caption(raw: dict, key: str) -> list[str]:

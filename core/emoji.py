@@ -1,6 +1,10 @@
 """The embedded default data set: Google's Noto emoji art from the npm package `emoji-datasource-google`,
 captioned the way alt text describes emoji and labelled by category and subcategory, built once into a
 folder-format data set (`captions.jsonl` + `images/`) that `core.data` reads.
+
+With more vendors (`vendors=("google", "twitter")`: Twemoji from `emoji-datasource-twitter`, the only other
+openly licensed art of the family) every emoji is drawn in each style, with the same captions, labels and split,
+and each image records its vendor as a facet (`{"vendor": "twitter"}`), which evaluation reports apart.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +34,8 @@ from core.preprocess import ImageDecodeError, load_image
 logger = logging.getLogger(__name__)
 
 BUILD_FORMAT = 2  # bump when captions, labels, splits or images change: cached builds are then redone
-PACKAGE = "emoji-datasource-google"
 EMOJI_JSON = "package/emoji.json"
-IMAGE_DIR = "package/img/google/64/"
 METADATA_JSON = "dataset.json"
-LICENSE_NOTE = "emoji-datasource-google: MIT data; Noto emoji art Apache-2.0"
 DROPPED_CATEGORIES = frozenset({"Component"})  # bare skin-tone swatches, not emoji anyone looks for
 SKIN_TONES = {
     "1F3FB": "light",
@@ -45,6 +47,41 @@ SKIN_TONES = {
 EVAL_FRACTION = {"val": 0.1, "test": 0.1}  # per subcategory, of base emoji; the rest is train
 FLAG_CODE = re.compile(r"(flag-)?[a-z]{2}")  # flag short names "flag-de", "de": country codes, not words
 NPM_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Vendor:
+    """One vendor's emoji art: the npm package that ships it, its licences and the credit the art asks for."""
+
+    name: str  # as emoji.json's `has_img_<name>` and the package's img/<name>/ spell it
+    package: str
+    license: str
+    attribution: str | None = None  # to be shown wherever the art goes (CC-BY)
+
+    @property
+    def image_dir(self) -> str:
+        """Where the package keeps the 64 px PNGs."""
+        return f"package/img/{self.name}/64/"
+
+
+VENDORS = {  # only openly licensed art (Apple's and Facebook's is not)
+    vendor.name: vendor
+    for vendor in (
+        Vendor(
+            "google",
+            "emoji-datasource-google",
+            "emoji-datasource-google: MIT data; Noto emoji art Apache-2.0",
+        ),
+        Vendor(
+            "twitter",
+            "emoji-datasource-twitter",
+            "emoji-datasource-twitter: MIT data; Twemoji art CC-BY 4.0",
+            "Twemoji by Twitter, Inc and other contributors, CC-BY 4.0 "
+            "(https://creativecommons.org/licenses/by/4.0/), from the jdecked/twemoji fork",
+        ),
+    )
+}
+DEFAULT_VENDORS = ("google",)  # the default data set, laid out as it was before there were vendors
 
 
 class EmojiBuildError(RuntimeError):
@@ -60,32 +97,45 @@ class EmojiImage:
     labels: dict[str, str]  # {"category": ..., "subcategory": ...}
     group: str  # the base emoji's unified code, shared by its variants
     split: str
+    vendor: str = "google"  # whose art
 
-    def record(self) -> dict:
-        """The captions.jsonl line for this image."""
-        return {
-            "image": f"images/{self.image}",
+    def path(self, by_vendor: bool) -> str:
+        """Where the image lies in the data set: images/<name>, or images/<vendor>/<name> when `by_vendor`."""
+        return f"images/{self.vendor}/{self.image}" if by_vendor else f"images/{self.image}"
+
+    def record(self, by_vendor: bool = False) -> dict:
+        """The captions.jsonl line for this image; `by_vendor` (builds of other vendors than the default's) nests
+        the image in its vendor's folder and records the vendor as a facet."""
+        record = {
+            "image": self.path(by_vendor),
             "text": self.texts,
             "labels": self.labels,
             "split": self.split,
             "group": self.group,
         }
+        return {**record, "facets": {"vendor": self.vendor}} if by_vendor else record
 
 
-def build_emoji_dataset(cache_dir: Path, version: str = "16.0.0", seed: int = 0) -> Path:
-    """Build (or reuse) the emoji data set in `cache_dir/emoji-<version>/` and return that folder."""
+def build_emoji_dataset(
+    cache_dir: Path, version: str = "16.0.0", seed: int = 0, vendors: Sequence[str] = DEFAULT_VENDORS
+) -> Path:
+    """Build (or reuse) the emoji data set of `vendors`' art in `cache_dir/<dataset_dir_name>/`; returns it."""
+    vendors = check_vendors(vendors)
     cache_dir = Path(cache_dir)
-    out_dir = cache_dir / f"emoji-{version}"
-    if is_built(out_dir, version, seed):
+    out_dir = cache_dir / dataset_dir_name(version, vendors)
+    if is_built(out_dir, version, seed, vendors):
         logger.info("emoji data set %s is already built (version %s, seed %d)", out_dir, version, seed)
         return out_dir
     started = time.perf_counter()
     (out_dir / CAPTIONS_JSONL).unlink(missing_ok=True)  # a half-done rebuild must not pass for a finished one
-    entries, pngs = read_package(fetch_package(cache_dir, version))
-    images = _write_images(emoji_images(entries, seed), pngs, out_dir / "images")
-    metadata = dataset_metadata(images, version, seed)
+    entries, pngs = read_packages(cache_dir, version, vendors)
+    by_vendor = vendors != DEFAULT_VENDORS  # the default data set keeps the layout it had before vendors
+    images = _write_images(emoji_images(entries, seed, vendors), pngs, out_dir, by_vendor)
+    metadata = dataset_metadata(images, version, seed, vendors)
     _write_atomically(out_dir / METADATA_JSON, json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
-    _write_atomically(out_dir / CAPTIONS_JSONL, "".join(_jsonl_line(item.record()) for item in images))
+    _write_atomically(
+        out_dir / CAPTIONS_JSONL, "".join(_jsonl_line(item.record(by_vendor)) for item in images)
+    )
     logger.info(
         "built emoji data set %s in %.1f s: %d images, per split %s, %d categories, %d subcategories",
         out_dir,
@@ -98,8 +148,26 @@ def build_emoji_dataset(cache_dir: Path, version: str = "16.0.0", seed: int = 0)
     return out_dir
 
 
-def is_built(out_dir: Path, version: str, seed: int) -> bool:
-    """True when `out_dir` holds a finished build of this version and seed in the current BUILD_FORMAT."""
+def check_vendors(vendors: Sequence[str]) -> tuple[str, ...]:
+    """The vendors in VENDORS' order, each once; ValueError naming the choices for an unknown one or none."""
+    names = [name.strip().lower() for name in vendors if name.strip()]
+    unknown = [name for name in names if name not in VENDORS]
+    if unknown or not names:
+        problem = f"unknown emoji vendor {', '.join(unknown)}" if unknown else "no emoji vendor given"
+        raise ValueError(
+            f"{problem}: choose one or more of {', '.join(VENDORS)} "
+            "(the openly licensed art of the emoji-datasource packages)"
+        )
+    return tuple(name for name in VENDORS if name in names)
+
+
+def dataset_dir_name(version: str, vendors: Sequence[str]) -> str:
+    """`emoji-<version>` for the default data set, `emoji-<version>-google-twitter` for other vendor sets."""
+    return f"emoji-{version}" if tuple(vendors) == DEFAULT_VENDORS else "-".join(["emoji", version, *vendors])
+
+
+def is_built(out_dir: Path, version: str, seed: int, vendors: Sequence[str] = DEFAULT_VENDORS) -> bool:
+    """True when `out_dir` holds a finished build of this version, seed and vendors in the current BUILD_FORMAT."""
     if not (out_dir / CAPTIONS_JSONL).is_file():
         return False
     try:
@@ -107,21 +175,35 @@ def is_built(out_dir: Path, version: str, seed: int) -> bool:
     except (OSError, ValueError):
         return False
     built = (metadata.get("version"), metadata.get("seed"), metadata.get("build_format"))
-    return built == (version, seed, BUILD_FORMAT)
+    built_vendors = tuple(metadata.get("vendors", DEFAULT_VENDORS))
+    return built == (version, seed, BUILD_FORMAT) and built_vendors == tuple(vendors)
 
 
 # ---------------------------------------------------------------------------------------------- package
 
 
-def fetch_package(cache_dir: Path, version: str) -> Path:
+def read_packages(
+    cache_dir: Path, version: str, vendors: Sequence[str]
+) -> tuple[list[dict], dict[str, dict[str, bytes]]]:
+    """emoji.json's entries (the first vendor's: the packages of one version share it, `has_img_<vendor>` flags
+    and all) and each vendor's 64 px PNGs (vendor -> file name -> bytes)."""
+    entries, pngs = None, {}
+    for vendor in vendors:
+        tarball = fetch_package(cache_dir, version, VENDORS[vendor].package)
+        package_entries, pngs[vendor] = read_package(tarball, vendor)
+        entries = package_entries if entries is None else entries
+    return entries, pngs
+
+
+def fetch_package(cache_dir: Path, version: str, package: str = VENDORS["google"].package) -> Path:
     """The package tarball in `cache_dir`, fetched with `npm pack` unless it is already there."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tarball = cache_dir / f"{PACKAGE}-{version}.tgz"
+    tarball = cache_dir / f"{package}-{version}.tgz"
     if tarball.is_file():
         logger.info("reusing %s", tarball)
         return tarball
-    logger.info("fetching %s@%s with npm pack", PACKAGE, version)
-    packed = npm_pack(f"{PACKAGE}@{version}", cache_dir)
+    logger.info("fetching %s@%s with npm pack", package, version)
+    packed = npm_pack(f"{package}@{version}", cache_dir)
     if packed != tarball:
         os.replace(packed, tarball)
     return tarball
@@ -158,16 +240,17 @@ def _run_npm(npm: str, spec: str, cwd: Path) -> None:
         raise EmojiBuildError(f"`npm pack {spec}` did not finish within {NPM_TIMEOUT_S} s") from err
 
 
-def read_package(tarball: Path) -> tuple[list[dict], dict[str, bytes]]:
-    """emoji.json's entries and the 64 px Google PNGs (file name -> bytes), in one streaming pass."""
+def read_package(tarball: Path, vendor: str = "google") -> tuple[list[dict], dict[str, bytes]]:
+    """emoji.json's entries and the vendor's 64 px PNGs (file name -> bytes), in one streaming pass."""
     entries, pngs = None, {}
+    image_dir = VENDORS[vendor].image_dir
     try:
         with tarfile.open(tarball, "r|gz") as tar:
             for member in tar:
                 if member.name == EMOJI_JSON:
                     entries = json.load(tar.extractfile(member))
-                elif member.isfile() and member.name.startswith(IMAGE_DIR) and member.name.endswith(".png"):
-                    pngs[member.name[len(IMAGE_DIR) :]] = tar.extractfile(member).read()
+                elif member.isfile() and member.name.startswith(image_dir) and member.name.endswith(".png"):
+                    pngs[member.name[len(image_dir) :]] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as err:
         tarball.unlink(missing_ok=True)
         raise EmojiBuildError(
@@ -181,27 +264,42 @@ def read_package(tarball: Path) -> tuple[list[dict], dict[str, bytes]]:
 # ----------------------------------------------------------------------------------------- captions, labels
 
 
-def emoji_images(entries: list[dict], seed: int = 0) -> list[EmojiImage]:
-    """Every kept base emoji followed by its skin-tone variants, with captions, labels, group and split."""
+def emoji_images(
+    entries: list[dict], seed: int = 0, vendors: Sequence[str] = DEFAULT_VENDORS
+) -> list[EmojiImage]:
+    """Per vendor, every kept base emoji it has art for followed by its skin-tone variants, with captions, labels,
+    group and split; an emoji's split is drawn once, over every kept emoji, and holds in every vendor's art."""
     bases = sorted((e for e in entries if _is_kept(e)), key=lambda e: (e.get("sort_order", 0), e["unified"]))
     splits = assign_splits(bases, seed)
-    return [image for entry in bases for image in _entry_images(entry, splits[entry["unified"]])]
+    return [
+        image
+        for vendor in vendors
+        for entry in bases
+        if _has_art(entry, vendor)
+        for image in _entry_images(entry, splits[entry["unified"]], vendor)
+    ]
 
 
 def _is_kept(entry: dict) -> bool:
-    """Emoji with Google art outside the dropped categories."""
-    return entry.get("category") not in DROPPED_CATEGORIES and entry.get("has_img_google", True)
+    """Emoji outside the dropped categories."""
+    return entry.get("category") not in DROPPED_CATEGORIES
 
 
-def _entry_images(entry: dict, split: str) -> list[EmojiImage]:
-    """A base emoji's image and its variants', sharing captions, labels, group and split."""
+def _has_art(entry: dict, vendor: str) -> bool:
+    """Whether emoji.json says the vendor draws this emoji (or variant); taken as drawn when it does not say."""
+    return entry.get(f"has_img_{vendor}", True)
+
+
+def _entry_images(entry: dict, split: str, vendor: str = "google") -> list[EmojiImage]:
+    """A base emoji's image and its variants' in one vendor's art, sharing captions, labels, group and split."""
     labels = emoji_labels(entry)
     texts = emoji_captions(entry, labels)
-    base = EmojiImage(entry["image"], texts, labels, entry["unified"], split)
+    group = entry["unified"]
+    base = EmojiImage(entry["image"], texts, labels, group, split, vendor)
     variants = [
-        EmojiImage(variant["image"], texts + tone_captions(texts[0], tones), labels, entry["unified"], split)
+        EmojiImage(variant["image"], texts + tone_captions(texts[0], tones), labels, group, split, vendor)
         for tones, variant in sorted((entry.get("skin_variations") or {}).items())
-        if variant.get("has_img_google", True)
+        if _has_art(variant, vendor)
     ]
     return [base, *variants]
 
@@ -286,38 +384,54 @@ def split_sizes(count: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _write_images(images: list[EmojiImage], pngs: dict[str, bytes], image_dir: Path) -> list[EmojiImage]:
+def _write_images(
+    images: list[EmojiImage], pngs: dict[str, dict[str, bytes]], out_dir: Path, by_vendor: bool
+) -> list[EmojiImage]:
     """Composite each emoji PNG onto white and save it as RGB; returns the images actually written."""
-    image_dir.mkdir(parents=True, exist_ok=True)
+    for folder in {(out_dir / item.path(by_vendor)).parent for item in images}:
+        folder.mkdir(parents=True, exist_ok=True)
     written = []
     for item in tqdm(images, desc="compositing emoji", unit="img", disable=None):
         try:
-            load_image(pngs[item.image]).save(image_dir / item.image, format="PNG")
+            load_image(pngs[item.vendor][item.image]).save(out_dir / item.path(by_vendor), format="PNG")
         except (KeyError, ImageDecodeError) as err:
-            logger.warning(
-                "leaving out %s: %s", item.image, "not in the package" if isinstance(err, KeyError) else err
-            )
+            reason = f"not in the {item.vendor} package" if isinstance(err, KeyError) else err
+            logger.warning("leaving out %s: %s", item.path(by_vendor), reason)
             continue
         written.append(item)
     return written
 
 
-def dataset_metadata(images: list[EmojiImage], version: str, seed: int) -> dict:
-    """What dataset.json records: provenance, build parameters, counts per split and the label sets."""
-    return {
+def dataset_metadata(
+    images: list[EmojiImage], version: str, seed: int, vendors: Sequence[str] = DEFAULT_VENDORS
+) -> dict:
+    """What dataset.json records: provenance and licences, build parameters, counts per split (and per vendor,
+    credits, when the vendors are not the default's) and the label sets."""
+    metadata = {
         "name": "emoji",
-        "source": f"npm:{PACKAGE}@{version}",
+        "source": ", ".join(f"npm:{VENDORS[vendor].package}@{version}" for vendor in vendors),
         "version": version,
         "seed": seed,
         "build_format": BUILD_FORMAT,
-        "license": LICENSE_NOTE,
-        "counts": {
-            "images": dict(sorted(Counter(item.split for item in images).items())),
-            "emoji": dict(
-                sorted(Counter(item.split for item in {i.group: i for i in images}.values()).items())
-            ),
-        },
+        "license": "; ".join(VENDORS[vendor].license for vendor in vendors),
+        "counts": split_counts(images),
         "labels": label_sets(images),
+    }
+    if tuple(vendors) == DEFAULT_VENDORS:
+        return metadata
+    return {
+        **metadata,
+        "vendors": list(vendors),
+        "attribution": [VENDORS[v].attribution for v in vendors if VENDORS[v].attribution],
+        "counts_by_vendor": {v: split_counts([i for i in images if i.vendor == v]) for v in vendors},
+    }
+
+
+def split_counts(images: list[EmojiImage]) -> dict[str, dict[str, int]]:
+    """Images and base emoji per split."""
+    return {
+        "images": dict(sorted(Counter(item.split for item in images).items())),
+        "emoji": dict(sorted(Counter(item.split for item in {i.group: i for i in images}.values()).items())),
     }
 
 

@@ -11,11 +11,16 @@ Given the words of the training captions, text→image recall is also split into
 training and queries with a novel word (`retrieval_seen_words/...`, `retrieval_novel_words/...`), as open-vocabulary
 detection reports base and novel classes apart (Zareian et al. 2021, OVR-CNN): no caption-trained model can place a
 word it never read.
+
+Where images carry facets with two values or more (the multi-vendor emoji data's `{"vendor": "twitter"}`),
+retrieval and zero-shot are also reported on each value's images alone, as their own gallery
+(`by_vendor/twitter/retrieval/t2i_r1`, ...): the figures `evaluate` gives for that subset by itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
@@ -44,35 +49,55 @@ SPLIT_SEED = 0
 
 @dataclasses.dataclass
 class EvalSet:
-    """Images with their query text (first caption), group, and per-image label values (None when unknown)."""
+    """Images with their query text (first caption), group, and per-image label and facet values (None when
+    unknown)."""
 
     images: list[Image.Image]
     texts: list[str]
     groups: list[str]
     labels: dict[str, list[str | None]] = dataclasses.field(default_factory=dict)
+    facets: dict[str, list[str | None]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.images)
-        lengths = [len(self.texts), len(self.groups), *(len(v) for v in self.labels.values())]
+        columns = [*self.labels.values(), *self.facets.values()]
+        lengths = [len(self.texts), len(self.groups), *(len(v) for v in columns)]
         if any(length != n for length in lengths):
             raise ValueError(f"EvalSet fields must all have {n} entries, got {lengths}")
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def subset(self, indices: Sequence[int]) -> EvalSet:
+        """The images at `indices`, with their texts, groups, labels and facets."""
+        return EvalSet(
+            images=[self.images[i] for i in indices],
+            texts=[self.texts[i] for i in indices],
+            groups=[self.groups[i] for i in indices],
+            labels={name: [values[i] for i in indices] for name, values in self.labels.items()},
+            facets={name: [values[i] for i in indices] for name, values in self.facets.items()},
+        )
+
 
 def eval_set_from_samples(samples: Iterable) -> EvalSet:
-    """Build an EvalSet from objects with `image`, `texts`, `labels` ({name: value}) and `group`."""
+    """Build an EvalSet from objects with `image`, `texts`, `labels` ({name: value}), `group` and, optionally,
+    `facets` ({name: value})."""
     samples = list(samples)
     if any(not s.texts for s in samples):
         raise ValueError("every evaluation sample needs at least one caption")
-    names = sorted({name for s in samples for name in (s.labels or {})})
     return EvalSet(
         images=[s.image for s in samples],
         texts=[s.texts[0] for s in samples],
         groups=[str(s.group) for s in samples],
-        labels={name: [_label_value((s.labels or {}).get(name)) for s in samples] for name in names},
+        labels=_value_columns([s.labels for s in samples]),
+        facets=_value_columns([getattr(s, "facets", None) for s in samples]),
     )
+
+
+def _value_columns(rows: Sequence[dict | None]) -> dict[str, list[str | None]]:
+    """Per-sample {name: value} dicts as one column of values per name, None where a sample has none."""
+    names = sorted({name for row in rows for name in (row or {})})
+    return {name: [_label_value((row or {}).get(name)) for row in rows] for name in names}
 
 
 def _label_value(value: object) -> str | None:
@@ -111,31 +136,84 @@ def evaluate(
     seen_words: frozenset[str] | None = None,
 ) -> dict[str, float | int | bool]:
     """All metrics of a pair of encoders on `eval_set`, keyed `retrieval/...`, `zeroshot/<set>/...`, etc.;
-    with `seen_words` (the training captions' words), also retrieval of seen-word and novel-word queries."""
+    with `seen_words` (the training captions' words), also retrieval of seen-word and novel-word queries; with
+    facets of two values or more, retrieval and zero-shot of each value's images (`by_<facet>/<value>/...`)."""
+    encode_texts = _TextMemo(encode_texts)  # the per-facet metrics ask again for the same queries and prompts
     image_out = encode_images(eval_set.images)
-    query_texts, query_groups = group_queries(eval_set)
+    query_texts, _ = group_queries(eval_set)
     text_out = encode_texts(query_texts)
-    results: dict[str, float | int | bool] = {}
-    recall = retrieval_recall(image_out["embedding"], eval_set.groups, text_out["embedding"], query_groups)
-    results.update({f"retrieval/{name}": value for name, value in recall.items()})
-    if seen_words is not None:
-        results.update(novelty_recall(image_out["embedding"], eval_set.groups, text_out["embedding"], query_texts,
-                                      query_groups, seen_words))
     names = select_label_sets(label_sets, eval_set, label_set_names)
-    for name in names:
-        results.update(
-            zero_shot_metrics(encode_texts, image_out["embedding"], eval_set, name, label_sets[name], templates)
-        )
+    gallery_metrics = functools.partial(_gallery_metrics, encode_texts, label_sets=label_sets, names=names,
+                                        templates=templates, seen_words=seen_words)  # (image_emb, eval_set)
+    results: dict[str, float | int | bool] = gallery_metrics(image_out["embedding"], eval_set)
     results.update(_linear_probes(encode_images, image_out["embedding"], eval_set, probe_train, names))
     for modality, out in (("image", image_out), ("text", text_out)):
         if "cluster_probs" in out and len(out["cluster_probs"]):
             results.update(
                 {f"clusters/{modality}/{k}": v for k, v in cluster_stats(out["cluster_probs"]).items()}
             )
+    results.update(_facet_metrics(image_out["embedding"], eval_set, gallery_metrics))
     logger.info(
         "evaluated %d images, %d text queries: %d metrics", len(eval_set), len(query_texts), len(results)
     )
     return results
+
+
+def _gallery_metrics(
+    encode_texts: EncodeTexts,
+    image_emb: np.ndarray,
+    eval_set: EvalSet,
+    label_sets: dict[str, list[str]],
+    names: list[str],
+    templates: Sequence[str],
+    seen_words: frozenset[str] | None,
+) -> dict[str, float | int]:
+    """Retrieval (and its seen/novel-word halves) and zero-shot of `eval_set`'s images as the gallery."""
+    query_texts, query_groups = group_queries(eval_set)
+    query_emb = encode_texts(query_texts)["embedding"]
+    recall = retrieval_recall(image_emb, eval_set.groups, query_emb, query_groups)
+    results = {f"retrieval/{name}": value for name, value in recall.items()}
+    if seen_words is not None:
+        results.update(novelty_recall(image_emb, eval_set.groups, query_emb, query_texts, query_groups, seen_words))
+    for name in names:
+        results.update(zero_shot_metrics(encode_texts, image_emb, eval_set, name, label_sets[name], templates))
+    return results
+
+
+def _facet_metrics(
+    image_emb: np.ndarray, eval_set: EvalSet, metrics_of: Callable[[np.ndarray, EvalSet], dict]
+) -> dict[str, float | int]:
+    """`by_<facet>/<value>/<metric>`: `metrics_of(embeddings, images)` on each facet value's images alone, for
+    the facets with two values or more (one value would repeat the overall figures)."""
+    results = {}
+    for facet, values in sorted(eval_set.facets.items()):
+        distinct = sorted({value for value in values if value is not None})
+        if len(distinct) < 2:
+            continue
+        for value in distinct:
+            keep = [i for i, v in enumerate(values) if v == value]
+            subset_metrics = metrics_of(image_emb[keep], eval_set.subset(keep))
+            results.update({f"by_{facet}/{value}/{name}": metric for name, metric in subset_metrics.items()})
+    return results
+
+
+class _TextMemo:
+    """A text encoder that encodes each text once: later calls are served rows of the earlier outputs, and a
+    call with only new texts reaches the wrapped encoder exactly as made."""
+
+    def __init__(self, encode_texts: EncodeTexts):
+        self.encode_texts = encode_texts
+        self.rows: dict[str, dict[str, np.ndarray]] = {}  # text -> {output name: (D,) row}
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if not texts:
+            return self.encode_texts(texts)
+        new = [text for text in texts if text not in self.rows]
+        if new:
+            out = self.encode_texts(new)
+            for i, text in enumerate(new):
+                self.rows.setdefault(text, {name: rows[i] for name, rows in out.items()})
+        return {name: np.stack([self.rows[text][name] for text in texts]) for name in self.rows[texts[0]]}
 
 
 def novelty_recall(

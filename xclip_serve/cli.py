@@ -27,6 +27,8 @@ SUMMARY_KEYS = ("zeroshot/category/top1", "zeroshot/subcategory/top1", "zeroshot
                 "retrieval_novel_words/queries", "retrieval_novel_words/t2i_r1", "linear_probe/subcategory", "linear_probe/category",
                 "linear_probe_by_group/subcategory", "clusters/image/clusters_used_frac",
                 "clusters/image/entropy_gap")
+FACET_SUMMARY_KEYS = ("zeroshot/category/top1", "zeroshot/subcategory/top1", "zeroshot_by_group/subcategory/top1",
+                      "retrieval/t2i_r1", "retrieval/i2t_r1")  # shown per facet value (by_vendor/twitter/...)
 
 
 @app.callback()
@@ -37,11 +39,19 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
 
 @data_app.command("emoji")
 def data_emoji(cache_dir: Annotated[Path, typer.Option(help="Where the npm pack and the data set go.")] = DEFAULT_CACHE,
-               version: str = "16.0.0", seed: int = 0) -> None:
-    """Fetch emoji-datasource-google with npm and write the folder data set (cached)."""
-    from core.emoji import build_emoji_dataset
+               version: str = "16.0.0", seed: int = 0,
+               vendors: Annotated[str, typer.Option(
+                   help="Whose art, comma-separated: google (Noto), twitter (Twemoji). Each emoji is in the same "
+                        "split in every style; other sets than google alone go to their own folder.")] = "google",
+               ) -> None:
+    """Fetch emoji-datasource-<vendor> with npm and write the folder data set (cached)."""
+    from core.emoji import build_emoji_dataset, check_vendors
 
-    typer.echo(build_emoji_dataset(cache_dir, version=version, seed=seed))
+    try:
+        chosen = check_vendors(vendors.split(","))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--vendors") from err
+    typer.echo(build_emoji_dataset(cache_dir, version=version, seed=seed, vendors=chosen))
 
 
 @data_app.command("minilm")
@@ -391,10 +401,17 @@ def print_summary(summary: dict) -> None:
     """A metrics table on stdout."""
     metrics = summary.get("eval", {})
     rows = [(k, metrics[k]) for k in SUMMARY_KEYS if k in metrics]
+    rows += [(k, metrics[k]) for k in facet_summary_keys(metrics)]
     rows += [(k, summary[k]) for k in ("samples_per_second", "mfu", "train_seconds") if k in summary]
     width = max((len(k) for k, _ in rows), default=10)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+def facet_summary_keys(metrics: dict) -> list[str]:
+    """The headline keys of each facet value's metrics (`by_vendor/twitter/retrieval/t2i_r1`), value by value."""
+    values = dict.fromkeys("/".join(key.split("/")[:2]) for key in metrics if key.startswith("by_"))
+    return [f"{value}/{key}" for value in values for key in FACET_SUMMARY_KEYS if f"{value}/{key}" in metrics]
 
 
 if __name__ == "__main__":

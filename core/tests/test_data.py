@@ -221,12 +221,40 @@ def check_bad(source: Path, reason: str, count: int = 1, good: int = 3, seen: in
         ("bad_record", {"image": "img/nul\u0000.png", "text": "x"}, {}),
         ("bad_split", {"image": "img/other.png", "text": "x", "split": "training"}, {}),
         ("bad_labels", {"image": "img/other.png", "text": "x", "labels": "red"}, {}),
+        ("bad_facets", {"image": "img/other.png", "text": "x", "facets": ["twitter"]}, {}),
         ("duplicate_key", {"image": "img/red.png", "text": "red again"}, {}),
     ],
 )
 def test_folder_bad_records(tmp_path, reason, line, files):
     (tmp_path / "outside.png").write_bytes(png_bytes(RED))
     check_bad(write_folder(tmp_path / "data", [line], files), reason)
+
+
+FACETED = {"labels": {"colour": "red"}, "facets": {"vendor": "twitter"}}  # a facet beside a label
+
+
+def write_faceted(root: Path, fmt: str) -> Path:
+    """One record with FACETED's label and facet among the reference records (alone in the CSV)."""
+    if fmt == "folder":
+        return write_folder(root, [{"image": "img/other.png", "text": "x", **FACETED}])
+    if fmt == "csv":
+        write_files(root, {"img/other.png": png_bytes(RED)})
+        (root / "captions.csv").write_text(
+            "image,text,label_colour,facet_vendor\nimg/other.png,x,red,twitter\n"
+        )
+        return root
+    return write_shards(
+        root, [("other.png", png_bytes(RED)), ("other.json", json.dumps({"text": "x", **FACETED}).encode())]
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_facets_are_read_apart_from_labels(tmp_path, fmt):
+    samples = list(iter_samples(write_faceted(tmp_path, fmt)))
+    faceted = [(s.key, s.labels, s.facets) for s in samples if s.facets]
+    key = "other" if fmt == "webdataset" else "img/other.png"
+    assert faceted == [(key, {"colour": "red"}, {"vendor": "twitter"})]
+    assert "vendor" not in label_sets(samples)
 
 
 def test_folder_symlink_out_of_root_is_unsafe(tmp_path):

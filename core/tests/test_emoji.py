@@ -1,8 +1,9 @@
-"""Tests for core.emoji against a fake npm package in the real layout: filtering, compositing, captions,
-labels, splits by base emoji, and the build cache."""
+"""Tests for core.emoji against fake npm packages in the real layout: filtering, compositing, captions,
+labels, splits by base emoji, vendors, and the build cache."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -17,16 +18,31 @@ from core import emoji
 from core.data import load_samples, splits_present
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
+TWEMOJI_COLOURS = [(90, 90, 90), (150, 150, 150)]  # the fake twitter package's art: told apart from google's
+VENDOR_COLOURS = {"google": COLOURS, "twitter": TWEMOJI_COLOURS}
 
 
-def entry(name, unified, short_names, category, subcategory, order, tones=()):
-    """An emoji.json entry as emoji-datasource writes it (only the keys the builder reads, plus noise)."""
+def entry(
+    name,
+    unified,
+    short_names,
+    category,
+    subcategory,
+    order,
+    tones=(),
+    google=True,
+    twitter=True,
+    twitter_lacks=(),
+):
+    """An emoji.json entry as emoji-datasource writes it (only the keys the builder reads, plus noise);
+    `google`/`twitter` False: that vendor has no art for it; `twitter_lacks`: nor for these skin tones."""
     image = unified.lower() + ".png"
     skin = {
         tone: {
             "unified": f"{unified}-{tone}",
             "image": f"{unified.lower()}-{tone.lower()}.png",
-            "has_img_google": True,
+            "has_img_google": google,
+            "has_img_twitter": twitter and tone not in twitter_lacks,
             "sheet_x": 0,
         }
         for tone in tones
@@ -40,15 +56,25 @@ def entry(name, unified, short_names, category, subcategory, order, tones=()):
         "category": category,
         "subcategory": subcategory,
         "sort_order": order,
-        "has_img_google": True,
+        "has_img_google": google,
+        "has_img_twitter": twitter,
         "has_img_apple": True,
         **({"skin_variations": skin} if skin else {}),
     }
 
 
 ENTRIES = [
-    entry("DOG FACE", "1F436", ["dog"], "Animals & Nature", "animal-mammal", 3),
-    entry("FATHER CHRISTMAS", "1F385", ["santa"], "People & Body", "person-fantasy", 2, ["1F3FB", "1F3FF"]),
+    entry("DOG FACE", "1F436", ["dog"], "Animals & Nature", "animal-mammal", 3, twitter=False),
+    entry(
+        "FATHER CHRISTMAS",
+        "1F385",
+        ["santa"],
+        "People & Body",
+        "person-fantasy",
+        2,
+        ["1F3FB", "1F3FF"],
+        twitter_lacks=["1F3FF"],
+    ),
     entry(
         "PEOPLE HOLDING HANDS",
         "1F9D1-200D-1F91D-200D-1F9D1",
@@ -80,16 +106,20 @@ def image_names(entries) -> list[str]:
     ]
 
 
-def fake_package(path: Path, entries=ENTRIES) -> Path:
-    """A .tgz laid out like `npm pack emoji-datasource-google`: emoji.json, 64 px PNGs, and other sizes."""
+def fake_package(path: Path, entries=ENTRIES, vendor: str = "google") -> Path:
+    """A .tgz laid out like `npm pack emoji-datasource-<vendor>`: emoji.json (the same for every vendor), the
+    vendor's 64 px PNGs, and other sizes; PNGs of every emoji, whatever its `has_img_<vendor>` says."""
+    colours = VENDOR_COLOURS[vendor]
     with tarfile.open(path, "w:gz") as tar:
         for index, name in enumerate(image_names(entries)):
             for size in ("32", "64"):
-                add_member(tar, f"package/img/google/{size}/{name}", emoji_png(COLOURS[index % len(COLOURS)]))
+                add_member(
+                    tar, f"package/img/{vendor}/{size}/{name}", emoji_png(colours[index % len(colours)])
+                )
         add_member(
             tar, "package/emoji.json", json.dumps(entries).encode()
         )  # after the images, as in the real pack
-        add_member(tar, "package/package.json", b'{"name": "emoji-datasource-google"}')
+        add_member(tar, "package/package.json", json.dumps({"name": f"emoji-datasource-{vendor}"}).encode())
     return path
 
 
@@ -100,14 +130,21 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 @pytest.fixture
-def npm_calls(monkeypatch) -> list[str]:
-    """Replaces `npm pack` with the fake package; returns the list of package specs it was asked for."""
+def package_entries() -> list[dict]:
+    """emoji.json of the fake packages (a test may parametrize it)."""
+    return ENTRIES
+
+
+@pytest.fixture
+def npm_calls(monkeypatch, package_entries) -> list[str]:
+    """Replaces `npm pack` with the fake packages; returns the list of package specs it was asked for."""
     calls = []
 
     def fake_npm_pack(spec: str, dest_dir: Path) -> Path:
         calls.append(spec)
         name, version = spec.split("@")
-        return fake_package(dest_dir / f"{name}-{version}.tgz")
+        vendor = name.removeprefix("emoji-datasource-")
+        return fake_package(dest_dir / f"{name}-{version}.tgz", package_entries, vendor)
 
     monkeypatch.setattr(emoji, "npm_pack", fake_npm_pack)
     return calls
@@ -301,3 +338,141 @@ def test_corrupt_tarball_is_deleted_with_a_clear_error(tmp_path, npm_calls):
     assert not (tmp_path / "emoji-datasource-google-16.0.0.tgz").exists()
     emoji.build_emoji_dataset(tmp_path)  # the next run fetches it afresh
     assert len(npm_calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------- vendors
+
+BOTH = ("google", "twitter")
+# sha256 of the default build of ENTRIES made before vendors existed: the google-only data set must not change
+DEFAULT_BUILD_SHA256 = {
+    "captions.jsonl": "6590da31cc33b68412314a2f9f7a050f86c4be4873391cc6bbefc123643b2508",
+    "dataset.json": "4798632de9d577b035bcebabc696b9e4e9358d053042b7288ee0e5ec898611e1",
+}
+# 30 + 10 emoji in two subcategories, so that val and test are not empty; some lack one vendor's art or both
+MANY = [
+    entry(
+        f"ANIMAL {i}",
+        f"1F{i:03X}",
+        [f"animal_{i}"],
+        "Animals & Nature",
+        "animal-mammal",
+        i,
+        ["1F3FB"],
+        google=i % 7 != 0,
+        twitter=i % 3 != 0,
+    )
+    for i in range(30)
+] + [
+    entry(
+        f"FACE {i}",
+        f"1F6{i:02X}",
+        [f"face_{i}"],
+        "Smileys & Emotion",
+        "face-smiling",
+        100 + i,
+        twitter=i != 4,
+    )
+    for i in range(10)
+]
+
+
+@pytest.mark.parametrize("vendors", [None, ("google",), ["Google ", "google"]])
+def test_the_default_build_is_unchanged(tmp_path, npm_calls, vendors):
+    kwargs = {} if vendors is None else {"vendors": vendors}
+    root = emoji.build_emoji_dataset(tmp_path, **kwargs)
+    assert root == tmp_path / "emoji-16.0.0"
+    assert {
+        name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in DEFAULT_BUILD_SHA256
+    } == (DEFAULT_BUILD_SHA256)
+    assert npm_calls == ["emoji-datasource-google@16.0.0"]
+
+
+def test_vendors_build_apart_from_the_default(tmp_path, npm_calls):
+    default = emoji.build_emoji_dataset(tmp_path)
+    root = emoji.build_emoji_dataset(tmp_path, vendors=("twitter", "google"))
+    assert root == tmp_path / "emoji-16.0.0-google-twitter"
+    assert emoji.build_emoji_dataset(tmp_path, vendors=BOTH) == root  # any order: the same data set, cached
+    assert npm_calls == ["emoji-datasource-google@16.0.0", "emoji-datasource-twitter@16.0.0"]
+    assert emoji.is_built(default, "16.0.0", 0) and not emoji.is_built(root, "16.0.0", 0)
+    assert emoji.is_built(root, "16.0.0", 0, BOTH)
+
+
+def test_each_vendor_draws_from_its_own_package(tmp_path, npm_calls):
+    samples, bad = load_samples(emoji.build_emoji_dataset(tmp_path, vendors=BOTH), max_bad_fraction=0.0)
+    drawn = {}
+    for sample in samples:
+        vendor = sample.facets["vendor"]
+        assert sample.key.startswith(f"images/{vendor}/")
+        assert sample.image.getpixel((7, 0)) in VENDOR_COLOURS[vendor]
+        assert "vendor" not in sample.labels  # a facet, never a label to classify or train on
+        drawn.setdefault(vendor, set()).add(sample.key.rsplit("/", 1)[1])
+    kept = set(image_names([e for e in ENTRIES if e["category"] != "Component"]))
+    assert drawn == {
+        "google": kept,
+        "twitter": kept - {"1f436.png", "1f385-1f3ff.png"},
+    }  # no Twemoji for those
+    assert bad.to_dict()["skipped"] == 0
+
+
+def test_every_style_has_the_same_captions_labels_group_and_split(tmp_path, npm_calls):
+    records = read_records(emoji.build_emoji_dataset(tmp_path, vendors=BOTH))
+    twemoji = {key: r for key, r in records.items() if key.startswith("images/twitter/")}
+    assert twemoji
+    for key, record in twemoji.items():
+        google = records[key.replace("images/twitter/", "images/google/")]
+        assert {**record, "image": "", "facets": {}} == {**google, "image": "", "facets": {}}
+        assert (google["facets"], record["facets"]) == ({"vendor": "google"}, {"vendor": "twitter"})
+
+
+@pytest.mark.parametrize("package_entries", [MANY])
+def test_each_emoji_is_in_one_split_in_every_style(tmp_path, npm_calls):
+    both = read_records(emoji.build_emoji_dataset(tmp_path / "both", vendors=BOTH)).values()
+    google_only = read_records(emoji.build_emoji_dataset(tmp_path / "google")).values()
+    splits = {}
+    for record in both:
+        splits.setdefault(record["group"], set()).add(record["split"])
+    assert all(
+        len(held) == 1 for held in splits.values()
+    )  # no emoji leaks into another split in another style
+    assert set().union(*splits.values()) == {"train", "val", "test"}
+    drawn_by = {vendor: {r["group"] for r in both if r["facets"]["vendor"] == vendor} for vendor in BOTH}
+    assert drawn_by["google"] - drawn_by["twitter"] and drawn_by["twitter"] - drawn_by["google"]
+    assert {r["group"]: r["split"] for r in google_only} == {g: splits[g].pop() for g in drawn_by["google"]}
+
+
+def test_metadata_names_every_package_licence_and_credit(tmp_path, npm_calls):
+    metadata = json.loads((emoji.build_emoji_dataset(tmp_path, vendors=BOTH) / "dataset.json").read_text())
+    assert metadata["source"] == "npm:emoji-datasource-google@16.0.0, npm:emoji-datasource-twitter@16.0.0"
+    assert metadata["license"] == (
+        "emoji-datasource-google: MIT data; Noto emoji art Apache-2.0; "
+        "emoji-datasource-twitter: MIT data; Twemoji art CC-BY 4.0"
+    )
+    assert metadata["attribution"][0].startswith("Twemoji by Twitter, Inc and other contributors, CC-BY 4.0")
+    assert metadata["vendors"] == ["google", "twitter"]
+    by_vendor = metadata["counts_by_vendor"]
+    assert (
+        sum(by_vendor["google"]["images"].values()) == 10
+        and sum(by_vendor["twitter"]["images"].values()) == 8
+    )
+    assert sum(metadata["counts"]["images"].values()) == 18
+
+
+def test_unknown_vendor_is_refused(tmp_path, npm_calls):
+    with pytest.raises(ValueError, match="unknown emoji vendor apple: choose one or more of google, twitter"):
+        emoji.build_emoji_dataset(tmp_path, vendors=("google", "apple"))
+    with pytest.raises(ValueError, match="no emoji vendor given"):
+        emoji.check_vendors([" "])
+    assert npm_calls == []
+
+
+@pytest.mark.parametrize(
+    "vendors, exit_code, printed",
+    [("twitter,google", 0, "emoji-16.0.0-google-twitter"), ("google,apple", 2, "unknown emoji vendor apple")],
+)
+def test_data_emoji_command(tmp_path, npm_calls, vendors, exit_code, printed):
+    from typer.testing import CliRunner
+
+    from xclip_serve.cli import app
+
+    result = CliRunner().invoke(app, ["data", "emoji", "--vendors", vendors, "--cache-dir", str(tmp_path)])
+    assert result.exit_code == exit_code and printed in result.output

@@ -4,6 +4,7 @@ An image's pixel (g, c, 0) encodes its group g and colour c; its embedding is un
 text "photo of group g" embeds as e_g and a prompt naming a colour as e_colour: the two are orthogonal.
 """
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -203,3 +204,49 @@ def test_every_query_seen_leaves_the_novel_side_without_recall():
 def test_no_seen_novel_split_without_training_words():
     results = evaluate(encode_images, encode_texts, make_eval_set([0, 1], per_group=1), None, {})
     assert not any(key.startswith(("retrieval_seen_words/", "retrieval_novel_words/")) for key in results)
+
+
+def two_vendor_set() -> EvalSet:
+    """Groups g0..g3 drawn twice: "google" art embeds right; "twitter" art looks like the next group in the other
+    colour, so on its own its retrieval and zero-shot both fail, while in the joint gallery google's images hit."""
+    google = make_eval_set([0, 1, 0, 1], per_group=1)
+    twitter = make_eval_set([0, 1, 0, 1], per_group=1)
+    twitter.images = [make_image((g + 1) % 4, 1 - c) for g, c in ((0, 0), (1, 1), (2, 0), (3, 1))]
+    return EvalSet(images=google.images + twitter.images, texts=google.texts + twitter.texts,
+                   groups=google.groups + twitter.groups, labels={"color": google.labels["color"] * 2},
+                   facets={"vendor": ["google"] * 4 + ["twitter"] * 4})
+
+
+def test_each_facet_value_is_scored_as_its_own_gallery():
+    both = two_vendor_set()
+    seen = frozenset({"photo", "of", "group", "0", "1"})
+    results = evaluate(encode_images, encode_texts, both, None, LABEL_SETS, seen_words=seen)
+    for vendor, rows in (("google", range(4)), ("twitter", range(4, 8))):
+        alone = evaluate(encode_images, encode_texts, both.subset(list(rows)), None, LABEL_SETS, seen_words=seen)
+        expected = {f"by_vendor/{vendor}/{key}": value for key, value in alone.items()
+                    if key.startswith(("retrieval", "zeroshot"))}
+        assert {key: value for key, value in results.items() if key.startswith(f"by_vendor/{vendor}/")} == expected
+    assert results["retrieval/t2i_r1"] == results["by_vendor/google/retrieval/t2i_r1"] == 1.0
+    assert results["by_vendor/twitter/retrieval/t2i_r1"] == 0.0  # the joint gallery hid twitter's misses
+    assert results["by_vendor/twitter/zeroshot/color/top1"] == 0.0
+    without_facets = dataclasses.replace(both, facets={})
+    overall = evaluate(encode_images, encode_texts, without_facets, None, LABEL_SETS, seen_words=seen)
+    assert {key: value for key, value in results.items() if not key.startswith("by_")} == overall
+
+
+def test_no_per_facet_metrics_for_a_single_value():
+    eval_set = make_eval_set([0, 1], per_group=2)
+    eval_set.facets = {"vendor": ["google"] * 4}
+    results = evaluate(encode_images, encode_texts, eval_set, None, LABEL_SETS)
+    assert results == evaluate(encode_images, encode_texts, make_eval_set([0, 1], per_group=2), None, LABEL_SETS)
+
+
+def test_eval_set_from_samples_reads_facets_apart_from_labels():
+    samples = [
+        SimpleNamespace(image="im0", texts=["a cat"], labels={"color": "red"}, group="cat",
+                        facets={"vendor": "google"}),
+        SimpleNamespace(image="im1", texts=["a cat"], labels={"color": "red"}, group="cat", facets={}),
+    ]
+    eval_set = eval_set_from_samples(samples)
+    assert eval_set.labels == {"color": ["red", "red"]}
+    assert eval_set.facets == {"vendor": ["google", None]}
