@@ -83,6 +83,11 @@ class PreprocessConfig:
 def load_image(source: bytes | str | Path | Image.Image,
                background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Decode bytes, a file or an opened (lazy) Pillow image into RGB, compositing transparency onto `background`."""
+    return to_rgb(open_image(source), background)
+
+
+def open_image(source: bytes | str | Path | Image.Image) -> Image.Image:
+    """Decode bytes, a file or an opened (lazy) Pillow image, upright (EXIF orientation), in its own mode."""
     try:
         if isinstance(source, Image.Image):
             image = source
@@ -91,10 +96,9 @@ def load_image(source: bytes | str | Path | Image.Image,
         else:
             image = Image.open(source)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image: {err}") from err
-    return to_rgb(image, background)
 
 
 def reduce_for(image: Image.Image, config: PreprocessConfig) -> Image.Image:
@@ -110,39 +114,72 @@ def decode_for_model(image: Image.Image, config: PreprocessConfig) -> Image.Imag
     """Decode an opened (lazy) image no larger than the model needs: JPEG at a reduced DCT scale (`draft`) that
     keeps both sides ≥ the reducing gap × the input size, then `reduce_for`; the peak is the decoded size, held
     once. Without a reducing gap the image is decoded whole."""
+    return reduce_for(to_rgb(_draft_open(image, config), config.background), config)
+
+
+def decode_with_alpha(image: Image.Image, config: PreprocessConfig) -> tuple[Image.Image, Image.Image]:
+    """`decode_for_model`'s RGB image and its opacity (`alpha_channel`), reduced alike (training's background
+    augmentation)."""
+    decoded = _draft_open(image, config)
+    return (reduce_for(to_rgb(decoded, config.background), config),
+            reduce_for(alpha_channel(decoded), config))
+
+
+def _draft_open(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """The opened image decoded, a JPEG at the smallest DCT scale `decode_for_model` allows."""
     if config.reducing_gap is not None:
         target = config.reducing_gap * config.image_size
         if image.format == "JPEG" and min(image.size) >= 2 * target:
             image.draft("RGB", (target, target))
-    return reduce_for(load_image(image, config.background), config)
+    return open_image(image)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """RGB view of any Pillow image; transparent pixels become `background`."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, background)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
+    rgba = _transparent_rgba(image)
+    if rgba is None:
+        return image.convert("RGB")
+    canvas = Image.new("RGB", rgba.size, background)
+    canvas.paste(rgba, mask=rgba.getchannel("A"))
+    return canvas
+
+
+def alpha_channel(image: Image.Image) -> Image.Image:
+    """The opacity `to_rgb` composites with, as an "L" image: 255 everywhere for an image without transparency."""
+    rgba = _transparent_rgba(image)
+    return Image.new("L", image.size, 255) if rgba is None else rgba.getchannel("A")
+
+
+def _transparent_rgba(image: Image.Image) -> Image.Image | None:
+    """The image in RGBA when its mode carries transparency, else None."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA")
+    return None
 
 
 def resize(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Resize an RGB image to the square encoder input; (H, W, 3) uint8."""
+    image = reduce_for(to_rgb(image, config.background), config)
+    return np.asarray(_fit(image, config, config.background), dtype=np.uint8)
+
+
+def resize_alpha(alpha: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """An "L" opacity (`alpha_channel`) through `resize`'s geometry, transparent where `resize` pads; (H, W)
+    uint8."""
+    return np.asarray(_fit(reduce_for(alpha, config), config, 0), dtype=np.uint8)
+
+
+def _fit(image: Image.Image, config: PreprocessConfig, fill: tuple[int, int, int] | int) -> Image.Image:
+    """The config's resize mode at its input size; `longest_pad` pads with `fill`."""
     size = config.image_size
     method = Image.Resampling[config.interpolation.upper()]
-    image = reduce_for(to_rgb(image, config.background), config)
     if config.resize_mode == "squash":
-        out = image.resize((size, size), method)
-    elif config.resize_mode == "shortest_center_crop":
-        out = ImageOps.fit(image, (size, size), method=method)
-    elif config.resize_mode == "resize_center_crop":
-        out = _center_crop(image.resize(_shorter_side_to(image.size, config.resize_size or size), method), size)
-    else:  # longest_pad: whole image visible, padded with the background colour
-        out = ImageOps.pad(image, (size, size), method=method, color=config.background)
-    return np.asarray(out, dtype=np.uint8)
+        return image.resize((size, size), method)
+    if config.resize_mode == "shortest_center_crop":
+        return ImageOps.fit(image, (size, size), method=method)
+    if config.resize_mode == "resize_center_crop":
+        return _center_crop(image.resize(_shorter_side_to(image.size, config.resize_size or size), method), size)
+    return ImageOps.pad(image, (size, size), method=method, color=fill)  # longest_pad: the whole image visible
 
 
 def _shorter_side_to(size: tuple[int, int], short: int) -> tuple[int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -14,15 +14,7 @@ from tqdm import tqdm
 
 from core.preprocess import PreprocessConfig, normalize, resize
 from core.tokenizer import TextTokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Training-only augmentation. No horizontal flip by default: text and emoji are not mirror-symmetric."""
-
-    crop_scale: tuple[float, float] = (0.7, 1.0)  # random resized crop: area fraction kept
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the crop
-    hflip: bool = False
+from training.augment import AugmentConfig
 
 
 @dataclasses.dataclass
@@ -34,15 +26,17 @@ class TrainCache:
     offsets: torch.Tensor  # (N + 1,) start of each sample's captions in `tokens`
     label_tokens: torch.Tensor | None = None  # (N, L) each sample's label prompt ("a cat face emoji"), tokenized
     has_label: torch.Tensor | None = None  # (N,) bool: the sample has that label (else its row is padding)
+    alpha: torch.Tensor | None = None  # (N, 1, H, W) uint8 opacity of the pixels, for background augmentation
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
 
 def build_cache(samples: Iterable, preprocess: PreprocessConfig, tokenizer: TextTokenizer,
-                progress: bool = True, label_prompts: list[str | None] | None = None) -> TrainCache:
+                progress: bool = True, label_prompts: list[str | None] | None = None,
+                alphas: Sequence[np.ndarray] | None = None) -> TrainCache:
     """Resize and normalise each image once (the shared eval transform) and tokenize all its captions, and, when
-    given, each sample's label prompt (None: the sample has no label)."""
+    given, each sample's label prompt (None: the sample has no label) and opacity ((H, W) uint8, `resize_alpha`)."""
     pixels, token_rows, offsets = [], [], [0]
     for sample in tqdm(samples, desc="cache", unit="img", disable=not progress, leave=False):
         pixels.append(normalize(resize(sample.image, preprocess), preprocess).astype(np.float16))
@@ -57,6 +51,10 @@ def build_cache(samples: Iterable, preprocess: PreprocessConfig, tokenizer: Text
             raise ValueError(f"{len(label_prompts)} label prompts for {len(cache)} samples")
         cache.label_tokens = torch.from_numpy(tokenizer.encode([p or "" for p in label_prompts]))
         cache.has_label = torch.tensor([p is not None for p in label_prompts])
+    if alphas is not None:
+        if len(alphas) != len(cache):
+            raise ValueError(f"{len(alphas)} alpha masks for {len(cache)} samples")
+        cache.alpha = torch.from_numpy(np.stack(alphas))[:, None]
     return cache
 
 
@@ -138,19 +136,31 @@ class BatchSampler:
         tokens = self.cache.tokens[caption_rows]
         if use.any():
             tokens = torch.where(use[:, None], self.cache.label_tokens[idx], tokens)
-        share = _share(len(idx), rank, world_size)
-        pixels = self.cache.pixels[idx[share]].float()
-        if grids is not None:
-            pixels = F.grid_sample(pixels, grids[share], mode="bilinear", padding_mode="border",
-                                   align_corners=False)
-        return pixels, tokens[share]
+        share = rank_rows(len(idx), rank, world_size)
+        return _crop(self.cache.pixels[idx[share]].float(), grids, share), tokens[share]
 
     def label_prompt_rows(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """(b,) bool: which rows of `batch(step, rank, world_size)` carry their label prompt instead of a caption."""
         use = self._draws(step)[3]
-        return use[_share(len(use), rank, world_size)]
+        return use[rank_rows(len(use), rank, world_size)]
+
+    def alpha(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor | None:
+        """(b, 1, H, W) float32 in [0, 1]: the opacity of `batch(step, rank, world_size)`'s pixels, cropped alike;
+        None when the cache holds none."""
+        if self.cache.alpha is None:
+            return None
+        idx, _, grids, _ = self._draws(step)
+        share = rank_rows(len(idx), rank, world_size)
+        return _crop(self.cache.alpha[idx[share]].float() / 255, grids, share)
 
 
-def _share(batch: int, rank: int, world_size: int) -> slice:
+def _crop(images: torch.Tensor, grids: torch.Tensor | None, share: slice) -> torch.Tensor:
+    """The rows' random resized crops (their grids: rows `share` of the global batch's); unchanged without."""
+    if grids is None:
+        return images
+    return F.grid_sample(images, grids[share], mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def rank_rows(batch: int, rank: int, world_size: int) -> slice:
     """Rank `rank`'s rows of a global batch of `batch` rows."""
     return slice(rank * batch // world_size, (rank + 1) * batch // world_size)

@@ -106,7 +106,8 @@ def available_configs() -> list[str]:
 
 
 def load_config(name_or_path: str, **overrides) -> ModelConfig:
-    """A named config (`small`) or a JSON file, with top-level fields overridden (e.g. objective, vocab size)."""
+    """A named config (`small`) or a JSON file, with top-level fields overridden (e.g. objective) and some of its
+    towers' (vocab_size, context_length, image_size)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.json"
@@ -117,6 +118,8 @@ def load_config(name_or_path: str, **overrides) -> ModelConfig:
     text_overrides = {k: v for k in ("vocab_size", "context_length") if (v := overrides.pop(k, None)) is not None}
     if text_overrides:
         data["text"] = {**data["text"], **text_overrides}
+    if (image_size := overrides.pop("image_size", None)) is not None:
+        data["vision"] = {**data.get("vision", {}), "image_size": image_size}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig.from_dict(data)
 

@@ -39,7 +39,17 @@ from PIL import Image, ImageOps
 
 from core import data as datasets
 from core.data import BadRecords, DataQualityError
-from core.preprocess import ImageDecodeError, PreprocessConfig, decode_for_model, normalize, resize
+from core.preprocess import (
+    ImageDecodeError,
+    PreprocessConfig,
+    alpha_channel,
+    decode_for_model,
+    decode_with_alpha,
+    normalize,
+    open_image,
+    resize,
+    resize_alpha,
+)
 from core.tokenizer import TextTokenizer
 from training.batches import AugmentConfig
 
@@ -99,12 +109,13 @@ class Rows(NamedTuple):
     pixels: torch.Tensor  # (b, 3, H, W) float32
     input_ids: torch.Tensor  # (b, L) int64
     label_prompt: torch.Tensor  # (b,) bool: the row's text is its label prompt
+    alpha: torch.Tensor | None = None  # (b, 1, H, W) uint8 opacity of the pixels, kept for background augmentation
 
 
 def cat_rows(parts: list[Rows]) -> Rows:
     if len(parts) == 1:
         return parts[0]
-    return Rows(*(torch.cat(column) for column in zip(*parts, strict=True)))
+    return Rows(*(None if column[0] is None else torch.cat(column) for column in zip(*parts, strict=True)))
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -252,6 +263,26 @@ def catalogue(source: str | Path | list, split: str | None, bad: BadRecords) -> 
         return [Entry(r.texts, r.labels) for number, url in enumerate(resolved.urls)
                 for r in TarShard(url, number, split, 0).read(bad)]
     return [Entry(texts, labels) for _, _, texts, labels in file_records(resolved, split, bad)]
+
+
+def record_alphas(source: str | Path | list, split: str | None, preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Each record's opacity at the model's input (`resize_alpha`, (H, W) uint8) by key, the first decodable record
+    of a key (as `core.data` keeps it): the samples `core.data` decodes are composited on white, so the cache's
+    background augmentation reads their alpha here."""
+    resolved, bad = datasets._resolve(source), BadRecords()
+    if resolved.kind == "webdataset":
+        records = (r for number, url in enumerate(resolved.urls) for r in TarShard(url, number, split, 0).read(bad))
+    else:
+        records = (Record(*found, 0, index) for index, found in enumerate(file_records(resolved, split, bad)))
+    alphas = {}
+    for record in records:
+        if record.key in alphas:
+            continue
+        try:
+            alphas[record.key] = resize_alpha(alpha_channel(open_image(_image_source(record))), preprocess)
+        except ImageDecodeError:
+            continue
+    return alphas
 
 
 def pseudo_shards(records: list[tuple], count: int, seed: int) -> list[RecordShard]:
@@ -412,12 +443,19 @@ def sample_draws(seed: int, epoch: int, record: Record, pass_: int) -> np.ndarra
 
 def decode(record: Record, preprocess: PreprocessConfig) -> Image.Image:
     """The record's image in RGB, decoded no larger than the model needs (JPEG draft, reduction)."""
-    source = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
+    return decode_for_model(open_record(record), preprocess)
+
+
+def open_record(record: Record) -> Image.Image:
+    """The record's image opened (lazily: not decoded yet)."""
     try:
-        opened = Image.open(source)
+        return Image.open(_image_source(record))
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot open image: {err}") from err
-    return decode_for_model(opened, preprocess)
+
+
+def _image_source(record: Record) -> io.BytesIO | Path:
+    return io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
 
 
 def fill_failures(rows: list) -> list:
@@ -432,7 +470,8 @@ def fill_failures(rows: list) -> list:
 @dataclasses.dataclass(frozen=True)
 class SampleTransform:
     """Records → training rows: decode, random resized crop, the shared resize and normalise; one caption drawn,
-    or with probability `label_prompt_prob` the label prompt of a sample that has one."""
+    or with probability `label_prompt_prob` the label prompt of a sample that has one. With `keep_alpha` each row
+    also keeps its image's opacity, cropped and resized alike (background augmentation)."""
 
     preprocess: PreprocessConfig
     tokenizer: TextTokenizer
@@ -440,26 +479,38 @@ class SampleTransform:
     seed: int
     label_prompt: Callable[[dict[str, str]], str | None] | None = None
     label_prompt_prob: float = 0.0
+    keep_alpha: bool = False
 
     def rows(self, records: list[tuple[int, Record]], epoch: int, bad: BadRecords) -> Rows:
         """One stream's rows of one step; an undecodable record repeats the nearest decodable one's row."""
         prepared = fill_failures([self.prepare(record, epoch, pass_, bad) for pass_, record in records])
-        return Rows(torch.from_numpy(np.stack([pixels for pixels, _, _ in prepared])),
-                    torch.from_numpy(self.tokenizer.encode([text for _, text, _ in prepared])),
-                    torch.tensor([is_prompt for _, _, is_prompt in prepared], dtype=torch.bool))
+        pixels, alphas, texts, is_prompt = zip(*prepared, strict=True)
+        return Rows(torch.from_numpy(np.stack(pixels)), torch.from_numpy(self.tokenizer.encode(list(texts))),
+                    torch.tensor(is_prompt, dtype=torch.bool),
+                    torch.from_numpy(np.stack(alphas))[:, None] if self.keep_alpha else None)
 
     def prepare(self, record: Record, epoch: int, pass_: int,
-                bad: BadRecords) -> tuple[np.ndarray, str, bool] | None:
-        """(pixels (3, H, W) float32, text, is label prompt) of one sample; None when its image is unusable."""
+                bad: BadRecords) -> tuple[np.ndarray, np.ndarray | None, str, bool] | None:
+        """(pixels (3, H, W) float32, opacity (H, W) uint8 or None, text, is label prompt) of one sample; None when
+        its image is unusable."""
         draws = sample_draws(self.seed, epoch, record, pass_)
         try:
-            image = decode(record, self.preprocess)
+            image, alpha = self.decode(record)
         except ImageDecodeError as err:
             bad.add("corrupt_image", record.key, str(err))
             return None
         if self.augment is not None:
             image = augment_image(image, self.augment, draws[1:6])
-        return (normalize(resize(image, self.preprocess), self.preprocess), *self.text(record, draws))
+            alpha = augment_image(alpha, self.augment, draws[1:6]) if alpha is not None else None
+        pixels = normalize(resize(image, self.preprocess), self.preprocess)
+        alpha = resize_alpha(alpha, self.preprocess) if alpha is not None else None
+        return (pixels, alpha, *self.text(record, draws))
+
+    def decode(self, record: Record) -> tuple[Image.Image, Image.Image | None]:
+        """The record's RGB image and, with `keep_alpha`, its opacity ("L")."""
+        if self.keep_alpha:
+            return decode_with_alpha(open_record(record), self.preprocess)
+        return decode(record, self.preprocess), None
 
     def text(self, record: Record, draws: np.ndarray) -> tuple[str, bool]:
         if self.label_prompt is not None and draws[6] < self.label_prompt_prob:
@@ -536,8 +587,8 @@ class _Reader:
 
 class StreamingBatches:
     """`BatchSampler`'s interface over data streamed from disk: `steps_per_epoch`, `batch(step, rank, world_size)`,
-    `label_prompt_rows(step, rank, world_size)`, and `num_samples` for the summary (the module docstring defines
-    the global batch).
+    `label_prompt_rows(step, rank, world_size)`, `alpha(step, rank, world_size)`, and `num_samples` for the summary
+    (the module docstring defines the global batch).
 
     Steps are read in sequence: asking for any other step than the next (a resume, or another rank's share)
     starts the reading over at that step; the last step's rows are kept, so `batch` and `label_prompt_rows` of one
@@ -565,7 +616,8 @@ class StreamingBatches:
         streams = min(config.streams, len(shards), global_batch)
         self.plan = StreamPlan(tuple(shards), stream_quotas(global_batch, streams), self.steps_per_epoch, seed,
                                config.shuffle_buffer)
-        self.transform = SampleTransform(preprocess, tokenizer, augment, seed, label_prompt, label_prompt_prob)
+        self.transform = SampleTransform(preprocess, tokenizer, augment, seed, label_prompt, label_prompt_prob,
+                                         keep_alpha=augment is not None and augment.keeps_alpha)
         self._reader: _Reader | None = None
         self._last: tuple[tuple[int, int, int], Rows] | None = None
         log.info("streaming %d samples from %d shards in %d streams: %d steps per epoch", self.num_samples,
@@ -590,6 +642,12 @@ class StreamingBatches:
         """(pixels (b, 3, H, W) float32, input_ids (b, L)) for this rank's share of step's global batch."""
         rows = self._rows(step, rank, world_size)
         return rows.pixels, rows.input_ids
+
+    def alpha(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor | None:
+        """(b, 1, H, W) float32 in [0, 1]: the opacity of `batch(step, rank, world_size)`'s pixels; None unless the
+        augmentation keeps it (background augmentation)."""
+        alpha = self._rows(step, rank, world_size).alpha
+        return None if alpha is None else alpha.float() / 255
 
     def label_prompt_rows(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """(b,) bool: which rows of `batch(step, rank, world_size)` carry their label prompt instead of a caption."""

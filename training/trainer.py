@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -24,7 +25,8 @@ from core.preprocess import PreprocessConfig
 from core.tokenizer import TextTokenizer, train_tokenizer
 from training import distributed as dist_utils
 from training import streaming
-from training.batches import AugmentConfig, BatchSampler, build_cache
+from training.augment import AugmentConfig, style_rows
+from training.batches import BatchSampler, build_cache, rank_rows
 from training.evaluate import evaluate_model, load_eval_sets
 from training.init_from import InitSource, resolve_init, resolve_text_tower
 from training.losses import OBJECTIVE_DEFAULTS, NClipConfig, ObjectiveLoss, caption_keys, collapse_indicators
@@ -66,6 +68,9 @@ class TrainConfig:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     nclip: NClipConfig = dataclasses.field(default_factory=NClipConfig)
     vocab_size: int | None = None  # overrides the architecture config's
+    # overrides the architecture config's vision.image_size (a multiple of its patch size); the run's preprocessing,
+    # hence its bundle's, follows the model's
+    image_size: int | None = None
     max_bad_fraction: float = 0.05
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -110,6 +115,21 @@ class TrainConfig:
             self.nclip = self.nclip.for_objective(self.objective)
         if self.data_mode not in DATA_MODES:
             raise ValueError(f"data_mode must be one of {DATA_MODES}, got {self.data_mode!r}")
+        if self.image_size is not None:
+            self._check_image_size()
+
+    def _check_image_size(self) -> None:
+        if self.init:
+            raise ValueError("image_size cannot change a pretrained model's input (--init brings its own)")
+        patch = load_config(self.model).vision.patch_size
+        if self.image_size < 8 or self.image_size % patch:
+            raise ValueError(f"image_size must be a multiple of the {self.model} model's patch size {patch} "
+                             f"(and at least 8), got {self.image_size}")
+
+    def model_config(self) -> ModelConfig:
+        """The architecture config with this run's objective, vocabulary size and image size."""
+        return load_config(self.model, objective=self.objective, vocab_size=self.vocab_size,
+                           image_size=self.image_size)
 
     def label_prompts(self, samples: list) -> list[str | None] | None:
         """Each sample's label prompt for image–label mixing (None where it lacks the label); None when off or
@@ -190,7 +210,7 @@ def prepare(cfg: TrainConfig) -> RunState:
     if not cfg.resume and info.is_main:
         _start_over(out_dir)
     dist_utils.barrier(info)
-    model_cfg = load_config(cfg.model, objective=cfg.objective, vocab_size=cfg.vocab_size)
+    model_cfg = cfg.model_config()
     init = _init_source(cfg, model_cfg)
     split = "train" if "train" in datasets.splits_present(cfg.data) else None
     mode, samples, bad = _training_data(cfg, split, (init.model_config if init else model_cfg).vision.image_size)
@@ -254,14 +274,29 @@ def _sampler(cfg: TrainConfig, mode: str, samples: list, split: str | None, prep
     """The in-memory cache and its sampler, or the streamed batches."""
     prompt_prob = cfg.label_prompt_prob if label_prompts is not None else 0.0
     if mode == "cache":
+        alphas = _cache_alphas(cfg, samples, split, preprocess) if cfg.augment.keeps_alpha else None
         cache = build_cache(samples, preprocess, tokenizer, progress=cfg.progress and info.is_main,
-                            label_prompts=label_prompts)
+                            label_prompts=label_prompts, alphas=alphas)
         return BatchSampler(cache, cfg.batch_size, cfg.seed, cfg.augment, prompt_prob)
     prompt = streaming.LabelPrompt(cfg.templates[0], cfg.label_prompt_set) if prompt_prob else None
     return StreamingBatches(cfg.data, preprocess, tokenizer, cfg.batch_size, cfg.seed, cfg.augment, split=split,
                             label_prompt=prompt, label_prompt_prob=prompt_prob, num_samples=cfg.train_num_samples,
                             max_bad_fraction=cfg.max_bad_fraction,
                             config=streaming.StreamConfig(workers=cfg.stream_workers))
+
+
+def _cache_alphas(cfg: TrainConfig, samples: list, split: str | None,
+                  preprocess: PreprocessConfig) -> list[np.ndarray]:
+    """Each sample's opacity at the model's input, for background augmentation: the cached samples are composited
+    on white, so the records' alpha is read again. A sample without one (its key's first record undecodable) is
+    taken as opaque."""
+    found = streaming.record_alphas(cfg.data, split, preprocess)
+    missing = sum(sample.key not in found for sample in samples)
+    if missing:
+        log.warning("background augmentation: no alpha for %d of %d samples; they are taken as opaque", missing,
+                    len(samples))
+    opaque = np.full((preprocess.image_size, preprocess.image_size), 255, np.uint8)
+    return [found.get(sample.key, opaque) for sample in samples]
 
 
 def _init_source(cfg: TrainConfig, model_cfg: ModelConfig) -> InitSource | None:
@@ -307,9 +342,10 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     pixels, input_ids = run.sampler.batch(step, info.rank, info.world_size)
+    pixels = _styled(run, step, pixels.to(info.device))
     device_type = "cuda" if info.device.startswith("cuda") else "cpu"
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = run.ddp_model(pixels.to(info.device), input_ids.to(info.device))
+        out = run.ddp_model(pixels, input_ids.to(info.device))
     out = {k: dist_utils.gather_with_local_grad(v.float(), info) if v.ndim else
            dist_utils.shared_parameter(v, info) for k, v in out.items()}
     if cfg.multi_positive:
@@ -323,6 +359,17 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return _step_record(run, step, lr, loss, terms, out, grad_norm)
+
+
+def _styled(run: RunState, step: int, pixels: torch.Tensor) -> torch.Tensor:
+    """This rank's pixels with their style augmentations (training/augment.py), on its device: drawn for the
+    global batch from (seed, step), so that the ranks' rows together are one process's batch."""
+    cfg, info = run.cfg, run.info
+    if not cfg.augment.has_style:
+        return pixels
+    alpha = run.sampler.alpha(step, info.rank, info.world_size) if cfg.augment.keeps_alpha else None
+    return style_rows(pixels, alpha, cfg.augment, run.preprocess, cfg.seed, step,
+                      rank_rows(cfg.batch_size, info.rank, info.world_size), cfg.batch_size)
 
 
 def _label_prompt_rows(run: RunState, step: int) -> torch.Tensor:
@@ -445,7 +492,8 @@ def _summary(run: RunState, history: dict, final: dict, last_step: int) -> dict:
         "epochs": last_step / run.sampler.steps_per_epoch, "train_samples": run.sampler.num_samples,
         "train_seconds": seconds, "samples_per_second": rate, "achieved_flops": achieved,
         "mfu": achieved / perf["matmul_peak_flops"], **perf, "world_size": run.info.world_size,
-        "precision": run.cfg.precision, "bad_records": run.bad_records,
+        "precision": run.cfg.precision, "augment": dataclasses.asdict(run.cfg.augment),
+        "bad_records": run.bad_records,
         "final_loss": history["steps"][-1]["loss"] if history["steps"] else None,
         "eval_split": run.cfg.eval_split, "eval": final["eval"],
     }

@@ -111,15 +111,27 @@ def train(
     lock_text: Annotated[bool, typer.Option(help="Freeze the text tower, but its last unlocked groups.")] = False,
     lock_text_unlocked_groups: Annotated[int, typer.Option(
         help="Layer groups at the top of a locked text tower that still train.")] = 0,
+    style_augment: Annotated[str, typer.Option(
+        help="Style augmentations: a preset of --config's \"augment\" keys, each key given there overriding it. "
+             "none: no change. light: background_prob=0.3 outline_prob=0.1 jitter_prob=0.5 brightness=0.2 "
+             "contrast=0.2 saturation=0.2 hue=0.02 grayscale_prob=0.05 posterize_bits=[3,6] posterize_prob=0.2 "
+             "blur_sigma=[0.3,1.0] blur_prob=0.2. strong: background_prob=0.5 outline_prob=0.2 edges_prob=0.1 "
+             "jitter_prob=0.8 brightness=0.4 contrast=0.4 saturation=0.4 hue=0.05 grayscale_prob=0.1 "
+             "posterize_bits=[2,5] posterize_prob=0.3 blur_sigma=[0.3,1.5] blur_prob=0.3.")] = "none",
+    image_size: Annotated[int | None, typer.Option(
+        help="Input size in pixels, overriding the model config's vision.image_size (a multiple of its patch "
+             "size); the run's and its bundle's preprocessing follow.")] = None,
 ) -> None:
     """Train a model (from scratch, or fine-tune with --init); resumes from the run directory's latest
     checkpoint."""
+    from training.augment import with_style_preset
     from training.trainer import TrainConfig, resolve_precision
     from training.trainer import train as run_training
 
     file_fields = json.loads(config.read_text()) if config else {}
     fields = train_fields(ctx, file_fields)
     try:
+        fields["augment"] = with_style_preset(style_augment, fields.get("augment", {}))
         fields["precision"] = resolve_precision(fields["precision"])
         train_config = TrainConfig.from_dict(fields)
     except (TypeError, ValueError) as err:  # TypeError: a field TrainConfig does not have
@@ -134,7 +146,9 @@ def train_fields(ctx: typer.Context, file_fields: dict) -> dict:
     command line gave."""
     defaults, given = {}, {}
     for name, value in ctx.params.items():
-        if name == "config" or value in (None, ()):  # unset (a repeatable option: ()): TrainConfig's default
+        # not fields: --config, and --style-augment (`train` resolves it into `augment`); an unset option (a
+        # repeatable one: ()) leaves TrainConfig's default
+        if name in ("config", "style_augment") or value in (None, ()):
             continue
         field = "templates" if name == "template" else name
         (given if _given(ctx, name) else defaults)[field] = str(value) if isinstance(value, Path) else value

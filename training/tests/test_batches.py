@@ -77,6 +77,32 @@ def test_cache_uses_the_shared_eval_transform(shapes_data):
     assert cache.offsets.tolist() == [0, 3, 6, 9]
 
 
+def test_the_opacity_is_cropped_as_the_pixels_are_and_leaves_them_unchanged():
+    plain = BatchSampler(make_cache(12), 6, seed=4, augment=AugmentConfig())
+    cache = make_cache(12)
+    cache.alpha = (cache.pixels[:, :1].float() * 255).round().to(torch.uint8)  # opacity: the red channel
+    sampler = BatchSampler(cache, 6, seed=4, augment=AugmentConfig())
+    assert plain.alpha(0) is None
+    for step in range(3):
+        pixels, _ = sampler.batch(step)
+        assert torch.equal(pixels, plain.batch(step)[0])
+        assert torch.allclose(sampler.alpha(step), pixels[:, :1], atol=1 / 255)
+        assert torch.equal(torch.cat([sampler.alpha(step, rank, 2) for rank in range(2)]), sampler.alpha(step))
+
+
+def test_the_cache_keeps_the_opacity_it_is_given(shapes_data):
+    from core.data import load_samples
+
+    samples, _ = load_samples(str(shapes_data), split="train")
+    preprocess = PreprocessConfig(image_size=16)
+    tokenizer = train_tokenizer((t for s in samples for t in s.texts), 300, 12)
+    alphas = [torch.randint(0, 256, (16, 16), dtype=torch.uint8).numpy() for _ in samples[:3]]
+    cache = build_cache(samples[:3], preprocess, tokenizer, progress=False, alphas=alphas)
+    assert cache.alpha.shape == (3, 1, 16, 16) and torch.equal(cache.alpha[2, 0], torch.from_numpy(alphas[2]))
+    with pytest.raises(ValueError, match="alpha"):
+        build_cache(samples[:3], preprocess, tokenizer, progress=False, alphas=alphas[:2])
+
+
 def with_label_prompts(cache: TrainCache, labelled: list[bool]) -> TrainCache:
     """Label prompt of sample i: the row [-1-i]*4, told apart from every caption row (all >= 0)."""
     cache.label_tokens = -1 - torch.arange(len(cache)).view(-1, 1).repeat(1, 4)

@@ -137,6 +137,14 @@ def test_conv_stem_and_batchnorm_head_export_with_parity(shapes_data, tmp_path):
         assert np.abs(got[name] - expected[name]).max() <= 1e-4, name
 
 
+def test_a_run_at_another_image_size_exports_a_bundle_that_preprocesses_to_it(shapes_data, tmp_path):
+    run = train_run(shapes_data, tmp_path / "run", "clip", image_size=24)  # tiny's own: 16
+    bundle = load_bundle(export_run(run, shapes_data, tmp_path / "bundle"))
+    assert bundle.preprocess.image_size == bundle.config.architecture["vision"]["image_size"] == 24
+    images = [draw_shape((220, 30, 30), "circle", 24, 0), draw_shape((30, 60, 220), "square", 24, 1)]
+    assert OnnxEncoder(bundle, providers="cpu").encode_images(images)["embedding"].shape == (2, 32)
+
+
 @pytest.mark.parametrize("objective", ["clip", "nclip"])
 def test_objective_decides_the_outputs(objective, shapes_data, tmp_path):
     bundle = load_bundle(export_run(train_run(shapes_data, tmp_path / "run", objective), shapes_data,

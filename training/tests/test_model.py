@@ -102,6 +102,12 @@ def test_overrides_apply(overrides, expected):
     assert model.text.pos_embed.shape[1] == expected["context_length"]
 
 
+def test_an_image_size_override_sizes_the_image_tower():
+    cfg = load_config("tiny", image_size=32)
+    assert (cfg.vision.image_size, cfg.vision.patch_size) == (32, 8)
+    assert create_model(cfg).visual.pos_embed.shape[1] == (32 // 8) ** 2 + 1
+
+
 def test_config_from_a_json_path(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({**json.loads((CONFIG_DIR / "tiny.json").read_text()), "embed_dim": 24}))

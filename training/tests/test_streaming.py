@@ -27,6 +27,7 @@ from training.streaming import (
     choose_data_mode,
     crop_box,
     deal_shards,
+    record_alphas,
     shuffle_buffer,
 )
 
@@ -166,6 +167,24 @@ def test_a_rank_refuses_the_global_rows_it_did_not_read(sources, tokenizer):
     with pytest.raises(ValueError, match="gather"):
         sampler.label_prompt_rows(0)
     sampler.close()
+
+
+def test_kept_alpha_is_the_records_opacity_and_leaves_the_pixels(sources, tokenizer, sample_of_pixels):
+    """Whole-image crops, so each row names its sample; the cache path reads the same opacity (record_alphas)."""
+    whole = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0)}
+    plain = streamer(sources["folder"], tokenizer, augment=AugmentConfig(**whole))
+    keeping = streamer(sources["folder"], tokenizer, augment=AugmentConfig(**whole, background_prob=0.5))
+    opacity = record_alphas(sources["folder"], "train", PREPROCESS)
+    for step in range(3):
+        pixels, _ = keeping.batch(step)
+        assert torch.equal(pixels, plain.batch(step)[0])
+        keys = [sample_of_pixels[row.numpy().tobytes()] for row in pixels]
+        expected = torch.stack([torch.tensor(opacity[key]) for key in keys])[:, None].float() / 255
+        assert torch.equal(keeping.alpha(step), expected)
+    assert plain.alpha(0) is None
+    assert expected.min() == 0 and expected.max() == 1  # transparent corners, an opaque shape
+    keeping.close()
+    plain.close()
 
 
 def test_an_explicit_sample_count_sets_the_epoch(sources, tokenizer):

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from training import trainer
+from training.augment import STYLE_PRESETS, AugmentConfig
 from training.losses import NClipConfig
 from training.optim import latest_checkpoint
 from training.plots import read_metrics
@@ -78,11 +79,13 @@ def _torchrun(config: TrainConfig, nproc: int, tmp_path: Path) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("objective, multi_positive", [("clip", False), ("xclip", True)])
-def test_two_process_ddp_matches_single_process(shapes_data, tmp_path, objective, multi_positive):
-    """Multi-positive targets need every rank's caption keys: batches of 8 shape captions repeat captions."""
+@pytest.mark.parametrize("objective, multi_positive, style", [("clip", False, "none"), ("xclip", True, "none"),
+                                                              ("xclip", True, "strong")])
+def test_two_process_ddp_matches_single_process(shapes_data, tmp_path, objective, multi_positive, style):
+    """Multi-positive targets need every rank's caption keys: batches of 8 shape captions repeat captions. Style
+    augmentations are drawn for the global batch, so each rank styles its rows as one process does."""
     common = {"objective": objective, "max_steps": 3, "epochs": 1, "checkpoint_every": 100,
-              "multi_positive": multi_positive}
+              "multi_positive": multi_positive, "augment": AugmentConfig(**STYLE_PRESETS[style])}
     _torchrun(tiny_config(shapes_data, tmp_path / "single", **common), 1, tmp_path)
     _torchrun(tiny_config(shapes_data, tmp_path / "ddp", **common), 2, tmp_path)
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
