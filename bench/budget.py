@@ -9,6 +9,7 @@ training process, waiting threads asleep rather than spinning, so that CPU time 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -140,3 +141,36 @@ def mean_of(results: dict, key: str, metric: str = "retrieval/t2i_r1", split: st
     """The mean of one metric over a recipe's finished seeds (of `split`'s metrics when given)."""
     runs = [r[split] if split else r for r in results.get("runs", {}).get(key, {}).values()]
     return sum(r[metric] for r in runs) / max(len(runs), 1)
+
+
+def table_rows(results: dict, seeds: list[int], cells: Callable[[list[dict]], list[str]]) -> list[list[str]]:
+    """One row per recipe with finished seeds: its name (with how many seeds, when not all), epochs, `cells` of
+    its runs, and the CPU seconds its training spent."""
+    from bench.objectives import mean_spread
+
+    rows = []
+    for key, by_seed in results.get("runs", {}).items():
+        runs = [by_seed[str(s)] for s in seeds if str(s) in by_seed]
+        if runs:
+            partial = "" if len(runs) == len(seeds) else f" ({len(runs)} of {len(seeds)} seeds)"
+            rows.append([key + partial, str(runs[0]["epochs"]), *cells(runs),
+                         mean_spread([r["train_cpu_seconds"] for r in runs], False)])
+    return rows
+
+
+def cost_note(results: dict) -> str:
+    """The measured CPU seconds per step of every recipe, for the section's text."""
+    cost = results.get("budget", {}).get("cpu_seconds_per_step", {})
+    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in cost.items())
+
+
+def parse_args(doc: str, work: str, extra: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+    """A budget benchmark's command line: `extra`'s options, then seeds, epochs, jobs, work dir, report-only."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    extra(parser)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30, help="the reference recipe's (the demo's) epochs")
+    parser.add_argument("--jobs", type=int, default=2, help="training processes side by side, one thread each")
+    parser.add_argument("--work", default=work)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
+    return parser.parse_args()

@@ -11,14 +11,13 @@ about as much). Finished runs are kept in docs/text-tower.json, and the section 
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.budget import BudgetBench, Recipe, budget, load, mean_of
+from bench.budget import BudgetBench, Recipe, budget, cost_note, load, mean_of, parse_args, table_rows
 from bench.objectives import mean_spread
 from bench.report import markdown_table, write_section
 
@@ -40,14 +39,7 @@ def recipes(data: str, minilm: Path) -> list[Recipe]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=".cache/data/emoji-16.0.0")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30, help="the from-scratch recipe's (the demo's) epochs")
-    parser.add_argument("--jobs", type=int, default=2, help="training processes side by side, one thread each")
-    parser.add_argument("--work", default="runs/bench-text-tower")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "runs/bench-text-tower", lambda parser: parser.add_argument("--data", default=".cache/data/emoji-16.0.0"))
     results = load(RESULTS)
     if args.report_only:
         return write(args, results)
@@ -68,25 +60,18 @@ def main() -> None:
 
 
 def write(args, results: dict) -> None:
-    headers = ["recipe", "epochs", *COLUMNS.values(), "prototypes used", "train CPU s", "train wall s"]
-    rows = []
-    for key, by_seed in results.get("runs", {}).items():
-        runs = [by_seed[str(s)] for s in args.seeds if str(s) in by_seed]
-        if not runs:
-            continue
-        seeds = "" if len(runs) == len(args.seeds) else f" ({len(runs)} of {len(args.seeds)} seeds)"
-        rows.append([key + seeds, str(runs[0]["epochs"]), *(mean_spread([r[k] for r in runs], True) for k in COLUMNS),
-                     mean_spread([r["clusters_used_frac"] for r in runs], True) if runs[0]["clusters_used_frac"]
-                     is not None else "–", mean_spread([r["train_cpu_seconds"] for r in runs], False),
-                     mean_spread([r["train_seconds"] for r in runs], False)])
-    budget_ = results.get("budget", {})
-    cost = ", ".join(f"{k} {v:.2f}" for k, v in budget_.get("cpu_seconds_per_step", {}).items())
+    headers = ["recipe", "epochs", *COLUMNS.values(), "prototypes used", "train wall s", "train CPU s"]
+    rows = table_rows(results, args.seeds, lambda runs: [
+        *(mean_spread([r[k] for r in runs], True) for k in COLUMNS),
+        mean_spread([r["clusters_used_frac"] for r in runs], True) if runs[0]["clusters_used_frac"] is not None
+        else "–", mean_spread([r["train_seconds"] for r in runs], False)])
+    epochs = results.get("budget", {}).get("scratch_epochs", args.epochs)
     body = (f"Model `small` image tower; the text tower our 3-layer one (scratch) or all-MiniLM-L6-v2 (22.7 M "
             f"parameters) under a new projection; seeds {args.seeds}, mean ± half-range; test split through ONNX. "
-            f"Budget: the CPU time of {budget_.get('scratch_epochs', args.epochs)} epochs of the scratch recipe; the "
-            f"others' epochs spend about as much (measured CPU seconds per step of 64: {cost}). One thread per "
-            f"training process, {args.jobs} side by side; wall time depends on what else the machine ran. Raw "
-            f"results: `docs/text-tower.json`.\n\n" + markdown_table(headers, rows) + "\n")
+            f"Budget: the CPU time of {epochs} epochs of the scratch recipe; the others' epochs spend about as much "
+            f"(measured CPU seconds per step of 64: {cost_note(results)}). One thread per training process, "
+            f"{args.jobs} side by side; wall time depends on what else the machine ran. Raw results: "
+            f"`docs/text-tower.json`.\n\n" + markdown_table(headers, rows) + "\n")
     print(body)
     write_section("text-tower", "Pretrained text tower (all-MiniLM-L6-v2) vs from scratch (emoji, demo budget)",
                   body, command=COMMAND)
