@@ -1,5 +1,6 @@
-"""Image-text data sets on disk: readers for a folder with `captions.jsonl`, a CSV file and WebDataset shards,
-all yielding `Sample`s; every bad record is counted by reason in `BadRecords` and skipped, never fatal.
+"""Image-text data sets on disk: readers for a folder with `captions.jsonl`, a CSV file and WebDataset shards.
+Each record is parsed once, into a `Record` whose image is not decoded yet, then decoded into a `Sample`; every bad
+record is counted by reason in `BadRecords` and skipped, never fatal.
 
 Torch-free at import: the service and the index builder read data too. `webdataset` (whose package import
 pulls in torch when torch is installed) is imported only when shards are actually read.
@@ -55,6 +56,44 @@ class Sample:
             self.group = self.key
 
 
+@dataclass(frozen=True, slots=True)  # slots: a streamed folder's million records stay small
+class Record:
+    """A parsed record, its image not decoded yet: what a Sample holds, the image as a file or encoded bytes."""
+
+    key: str
+    image: Path | bytes  # the image file (folder/csv) or the encoded bytes of a shard member (webdataset)
+    texts: tuple[str, ...]
+    labels: dict[str, str]
+    split: str | None
+    group: str
+    facets: dict[str, str]
+
+    def to_sample(self) -> Sample:
+        """The record with its image decoded; RejectedRecord("corrupt_image") when it is not a readable image."""
+        try:
+            image = load_image(self.image)
+        except ImageDecodeError as err:
+            raise RejectedRecord("corrupt_image", self.key, str(err)) from err
+        return Sample(self.key, image, list(self.texts), self.labels, self.split, self.group, self.facets)
+
+
+class RejectedRecord(Exception):
+    """A record that cannot become a Sample; `reason` is the name it is counted under in BadRecords."""
+
+    def __init__(self, reason: str, key: str, detail: str = ""):
+        super().__init__(f"{reason}: {key}")
+        self.reason, self.key, self.detail = reason, key, detail
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data source after dispatch: a captions file (folder or csv) or a list of shard URLs (webdataset)."""
+
+    kind: str  # "folder" | "csv" | "webdataset"
+    path: Path | None = None
+    urls: tuple[str, ...] = ()
+
+
 class DataQualityError(RuntimeError):
     """Too many records of a data set were unusable, or the data set has no usable records at all."""
 
@@ -74,6 +113,11 @@ class BadRecords:
         logger.log(level, "skipping %s (%s)%s", key, reason, f": {detail}" if detail else "")
         if count == WARNINGS_PER_REASON:
             logger.warning("further %s records are logged at DEBUG level only", reason)
+
+    def reject(self, rejected: RejectedRecord) -> None:
+        """Count one record as seen and skipped under its rejection's reason."""
+        self.seen += 1
+        self.add(rejected.reason, rejected.key, rejected.detail)
 
     @property
     def total(self) -> int:
@@ -100,26 +144,6 @@ class BadRecords:
         )
 
 
-class _Rejected(Exception):
-    """A record that cannot become a Sample; `reason` is the name it is counted under in BadRecords."""
-
-    def __init__(self, reason: str, key: str, detail: str = ""):
-        super().__init__(f"{reason}: {key}")
-        self.reason, self.key, self.detail = reason, key, detail
-
-
-@dataclass(frozen=True)
-class _Source:
-    """A data source after dispatch: a captions file (folder or csv) or a list of shard URLs (webdataset)."""
-
-    kind: str  # "folder" | "csv" | "webdataset"
-    path: Path | None = None
-    urls: tuple[str, ...] = ()
-
-
-_Record = Sample | _Rejected
-
-
 # ---------------------------------------------------------------------------------------------- public API
 
 
@@ -131,15 +155,17 @@ def iter_samples(
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     bad = bad if bad is not None else BadRecords()
     keys: set[str] = set()
-    for record in _read_records(_resolve(source), split):
-        bad.seen += 1
-        if isinstance(record, _Rejected):
-            bad.add(record.reason, record.key, record.detail)
-        elif record.key in keys:
-            bad.add("duplicate_key", record.key)
+    for record in read_records(resolve_source(source), split, bad):
+        try:
+            sample = record.to_sample()
+        except RejectedRecord as rejected:
+            bad.add(rejected.reason, rejected.key, rejected.detail)
+            continue
+        if sample.key in keys:
+            bad.add("duplicate_key", sample.key)
         else:
-            keys.add(record.key)
-            yield record
+            keys.add(sample.key)
+            yield sample
 
 
 def load_samples(
@@ -168,7 +194,7 @@ def label_sets(samples: Iterable[Sample]) -> dict[str, list[str]]:
 
 def splits_present(source: str | Path | list) -> set[str]:
     """Split names used by a data set's records, read from the captions only (no image is decoded)."""
-    resolved = _resolve(source)
+    resolved = resolve_source(source)
     if resolved.kind == "webdataset":
         objs = _shard_metadata(resolved.urls)
     elif resolved.kind == "csv":
@@ -179,14 +205,14 @@ def splits_present(source: str | Path | list) -> set[str]:
     for obj in objs:
         try:
             found.add(_clean_split(obj.get("split"), ""))
-        except _Rejected:
+        except RejectedRecord:
             continue
     return found - {None}
 
 
 def fingerprint(source: str | Path | list) -> str:
     """sha256 over the captions file's bytes (folder/csv) or the shard list with file sizes (webdataset)."""
-    resolved = _resolve(source)
+    resolved = resolve_source(source)
     digest = hashlib.sha256(resolved.kind.encode() + b"\n")
     if resolved.path is not None:
         with resolved.path.open("rb") as captions:
@@ -200,20 +226,20 @@ def fingerprint(source: str | Path | list) -> str:
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _resolve(source: str | Path | list) -> _Source:
-    """Decide a source's format from its shape: directory contents, file suffix or shard pattern."""
+def resolve_source(source: str | Path | list) -> DataSource:
+    """A --data argument as a DataSource, its format told from its shape: directory contents, suffix, shard pattern."""
     if isinstance(source, (list, tuple)):
         return _resolve_shard_list(source)
     text = os.fspath(source)
     if _looks_like_shards(text):
-        return _Source("webdataset", urls=tuple(_expand_shards(text)))
+        return DataSource("webdataset", urls=tuple(_expand_shards(text)))
     path = Path(text)
     if path.is_dir():
         return _resolve_dir(path)
     if path.suffix == ".csv":
-        return _Source("csv", path=path)
+        return DataSource("csv", path=path)
     if path.suffix == ".jsonl":
-        return _Source("folder", path=path)
+        return DataSource("folder", path=path)
     if not path.exists():
         raise FileNotFoundError(f"data source {path} does not exist")
     raise ValueError(
@@ -221,27 +247,27 @@ def _resolve(source: str | Path | list) -> _Source:
     )
 
 
-def _resolve_dir(path: Path) -> _Source:
+def _resolve_dir(path: Path) -> DataSource:
     """A directory: captions.jsonl (folder) before captions.csv before *.tar shards."""
     if (path / CAPTIONS_JSONL).is_file():
-        return _Source("folder", path=path / CAPTIONS_JSONL)
+        return DataSource("folder", path=path / CAPTIONS_JSONL)
     if (path / CAPTIONS_CSV).is_file():
-        return _Source("csv", path=path / CAPTIONS_CSV)
+        return DataSource("csv", path=path / CAPTIONS_CSV)
     shards = sorted(str(p) for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES))
     if shards:
-        return _Source("webdataset", urls=tuple(shards))
+        return DataSource("webdataset", urls=tuple(shards))
     raise FileNotFoundError(f"{path} holds no {CAPTIONS_JSONL}, {CAPTIONS_CSV} or .tar shards")
 
 
-def _resolve_shard_list(sources: list | tuple) -> _Source:
+def _resolve_shard_list(sources: list | tuple) -> DataSource:
     """A list of shard paths, patterns or shard directories, read as one WebDataset source."""
     urls: list[str] = []
     for item in sources:
-        part = _resolve(item)
+        part = resolve_source(item)
         if part.kind != "webdataset":
             raise ValueError(f"a list of sources must name WebDataset shards only; {item} is {part.kind}")
         urls.extend(part.urls)
-    return _Source("webdataset", urls=tuple(urls))
+    return DataSource("webdataset", urls=tuple(urls))
 
 
 def _looks_like_shards(text: str) -> bool:
@@ -265,21 +291,26 @@ def _file_size(url: str) -> int:
         return -1
 
 
-def _read_records(source: _Source, split: str | None) -> Iterator[_Record]:
-    """Samples and rejected records of one source, in file order; records of other splits are left out."""
+def read_records(source: DataSource, split: str | None, bad: BadRecords) -> Iterator[Record]:
+    """The usable records of a source in file order, images undecoded; records of other splits are left out and
+    rejected ones counted in `bad` (duplicate keys are left to the caller)."""
     if source.kind == "folder":
-        return _read_folder(source.path, split)
+        return _read_folder(source.path, split, bad)
     if source.kind == "csv":
-        return _read_csv(source.path, split)
-    return _read_shards(source.urls, split)
+        return _read_csv(source.path, split, bad)
+    return (record for url in source.urls for _, record in shard_records(url, split, bad))
 
 
-def _attempt(build: Callable[..., Sample | None], *args) -> _Record | None:
-    """Run a record builder, turning its rejection into a value the reader can yield."""
+def _accepted(bad: BadRecords, parse: Callable[..., Record | None], *args) -> Record | None:
+    """`parse(*args)`, counted in `bad` as seen (or as skipped when rejected); None for another split's record."""
     try:
-        return build(*args)
-    except _Rejected as rejected:
-        return rejected
+        record = parse(*args)
+    except RejectedRecord as rejected:
+        bad.reject(rejected)
+        return None
+    if record is not None:  # another split's record is not seen
+        bad.seen += 1
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- field rules
@@ -290,10 +321,10 @@ def _clean_split(value, key: str) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str):
-        raise _Rejected("bad_split", key, repr(value))
+        raise RejectedRecord("bad_split", key, repr(value))
     name = SPLIT_ALIASES.get(value.strip().lower(), value.strip().lower())
     if name not in SPLITS:
-        raise _Rejected("bad_split", key, repr(value))
+        raise RejectedRecord("bad_split", key, repr(value))
     return name
 
 
@@ -315,7 +346,7 @@ def _caption_values(obj: dict) -> list:
 def _require_texts(texts: list[str], key: str) -> list[str]:
     """The captions, or a rejection when none is left."""
     if not texts:
-        raise _Rejected("empty_caption", key)
+        raise RejectedRecord("empty_caption", key)
     return texts
 
 
@@ -334,11 +365,11 @@ def _string_map(value, key: str, reason: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Rejected(reason, key, repr(value)[:80])
+        raise RejectedRecord(reason, key, repr(value)[:80])
     strings = {}
     for name, raw in value.items():
         if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-            raise _Rejected(reason, key, f"{name}={raw!r}"[:80])
+            raise RejectedRecord(reason, key, f"{name}={raw!r}"[:80])
         if str(raw).strip():
             strings[str(name).strip()] = str(raw).strip()
     return strings
@@ -354,27 +385,19 @@ def _clean_group(value, key: str) -> str:
 def _image_path(root: Path, value, where: str) -> tuple[str, Path]:
     """(key, absolute path) of a record's image; absolute paths and paths leaving `root` are rejected."""
     if not isinstance(value, str) or not value.strip():
-        raise _Rejected("bad_record", where, "no image path")
+        raise RejectedRecord("bad_record", where, "no image path")
     relative = value.strip()
     as_windows = PureWindowsPath(relative)  # splits on both separators, sees drives and roots
     if as_windows.anchor or ".." in as_windows.parts:
-        raise _Rejected("unsafe_path", where, relative)
+        raise RejectedRecord("unsafe_path", where, relative)
     path = root / relative
     try:
         inside = path.resolve().is_relative_to(root)  # False for a symlink pointing outside the data set
     except (OSError, ValueError) as err:  # NUL bytes, symlink loops
-        raise _Rejected("bad_record", where, f"image path {relative!r}: {err}") from err
+        raise RejectedRecord("bad_record", where, f"image path {relative!r}: {err}") from err
     if not inside:
-        raise _Rejected("unsafe_path", where, relative)
+        raise RejectedRecord("unsafe_path", where, relative)
     return PurePosixPath(relative).as_posix(), path
-
-
-def _decode(key: str, source: bytes | Path) -> Image.Image:
-    """Decode an image, rejecting the record when the bytes are not a readable image."""
-    try:
-        return load_image(source)
-    except ImageDecodeError as err:
-        raise _Rejected("corrupt_image", key, str(err)) from err
 
 
 def _parse_json(raw: bytes, where: str) -> dict:
@@ -382,21 +405,21 @@ def _parse_json(raw: bytes, where: str) -> dict:
     try:
         text = raw.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError as err:
-        raise _Rejected("bad_encoding", where, str(err)) from err
+        raise RejectedRecord("bad_encoding", where, str(err)) from err
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        raise _Rejected("bad_json", where, str(err)) from err
+        raise RejectedRecord("bad_json", where, str(err)) from err
     if not isinstance(obj, dict):
-        raise _Rejected("bad_json", where, "not a JSON object")
+        raise RejectedRecord("bad_json", where, "not a JSON object")
     return obj
 
 
 # ------------------------------------------------------------------------------------------- folder and csv
 
 
-def _file_sample(obj: dict, root: Path, where: str, split: str | None) -> Sample | None:
-    """A folder/CSV record, parsed into a dict, as a Sample; None when it belongs to another split."""
+def _file_record(obj: dict, root: Path, where: str, split: str | None) -> Record | None:
+    """A folder/CSV record, parsed into a dict, as a Record; None when it belongs to another split."""
     record_split = _clean_split(obj.get("split"), where)
     if split is not None and record_split != split:
         return None
@@ -405,25 +428,24 @@ def _file_sample(obj: dict, root: Path, where: str, split: str | None) -> Sample
     labels = _clean_labels(obj.get("labels"), key)
     facets = _clean_facets(obj.get("facets"), key)
     if not path.is_file():
-        raise _Rejected("missing_image", key, str(path))
-    image = _decode(key, path)
-    return Sample(key, image, texts, labels, record_split, _clean_group(obj.get("group"), key), facets)
+        raise RejectedRecord("missing_image", key, str(path))
+    return Record(key, path, tuple(texts), labels, record_split, _clean_group(obj.get("group"), key), facets)
 
 
-def _read_folder(captions: Path, split: str | None) -> Iterator[_Record]:
+def _read_folder(captions: Path, split: str | None, bad: BadRecords) -> Iterator[Record]:
     """Records of `captions.jsonl`, one JSON object per non-blank line; image paths relative to its folder."""
     root = captions.parent.resolve()
     with captions.open("rb") as lines:
         for number, raw in enumerate(lines, 1):
             if raw.strip():
-                record = _attempt(_jsonl_sample, raw, root, f"{captions.name}:{number}", split)
+                record = _accepted(bad, parse_jsonl_line, raw, root, f"{captions.name}:{number}", split)
                 if record is not None:
                     yield record
 
 
-def _jsonl_sample(raw: bytes, root: Path, where: str, split: str | None) -> Sample | None:
-    """One captions.jsonl line as a Sample."""
-    return _file_sample(_parse_json(raw, where), root, where, split)
+def parse_jsonl_line(raw: bytes, root: Path, where: str, split: str | None = None) -> Record | None:
+    """One captions.jsonl line (image path relative to `root`) as a Record; None when it is of another split."""
+    return _file_record(_parse_json(raw, where), root, where, split)
 
 
 def _jsonl_objects(captions: Path) -> Iterator[dict]:
@@ -432,20 +454,23 @@ def _jsonl_objects(captions: Path) -> Iterator[dict]:
         for raw in lines:
             try:
                 yield _parse_json(raw, "")
-            except _Rejected:
+            except RejectedRecord:
                 continue
 
 
-def _read_csv(path: Path, split: str | None) -> Iterator[_Record]:
-    """Records of a CSV file with columns image, text, optional split, group and label_<name>."""
+def _read_csv(path: Path, split: str | None, bad: BadRecords) -> Iterator[Record]:
+    """Records of a CSV file with columns image, text, optional split, group, label_<name> and facet_<name>."""
     root = path.parent.resolve()
     for where, row in _csv_lines(path):
-        record = row if isinstance(row, _Rejected) else _attempt(_csv_sample, row, root, where, split)
+        if isinstance(row, RejectedRecord):
+            bad.reject(row)
+            continue
+        record = _accepted(bad, parse_csv_row, row, root, where, split)
         if record is not None:
             yield record
 
 
-def _csv_lines(path: Path) -> Iterator[tuple[str, dict | _Rejected]]:
+def _csv_lines(path: Path) -> Iterator[tuple[str, dict | RejectedRecord]]:
     """(location, row) pairs; undecodable bytes stay as surrogates so one bad row does not stop the file."""
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as stream:
         reader = csv.DictReader(stream)
@@ -460,20 +485,20 @@ def _csv_lines(path: Path) -> Iterator[tuple[str, dict | _Rejected]]:
             except StopIteration:
                 return
             except csv.Error as err:
-                row = _Rejected("bad_csv", f"{path.name}:{reader.line_num}", str(err))
+                row = RejectedRecord("bad_csv", f"{path.name}:{reader.line_num}", str(err))
             yield f"{path.name}:{reader.line_num}", row
 
 
-def _csv_sample(row: dict, root: Path, where: str, split: str | None) -> Sample | None:
-    """One CSV row as a Sample."""
-    return _file_sample(_csv_record(row, where), root, where, split)
+def parse_csv_row(row: dict, root: Path, where: str, split: str | None = None) -> Record | None:
+    """One CSV row (csv.DictReader's) as a Record; None when it is of another split."""
+    return _file_record(_csv_record(row, where), root, where, split)
 
 
 def _csv_record(row: dict, where: str) -> dict:
     """A CSV row in the captions.jsonl record shape."""
     cells = [value for value in row.values() if isinstance(value, str)]
     if any(has_surrogates(cell) for cell in cells):
-        raise _Rejected("bad_encoding", where)
+        raise RejectedRecord("bad_encoding", where)
     return {
         "image": row.get("image"),
         "text": (row.get("text") or "").split(CSV_CAPTION_SEPARATOR),
@@ -496,7 +521,7 @@ def _prefixed_columns(row: dict, prefix: str) -> dict:
 def _csv_rows(path: Path) -> Iterator[dict]:
     """The readable rows of a CSV file, as plain dicts."""
     for _, row in _csv_lines(path):
-        if not isinstance(row, _Rejected):
+        if not isinstance(row, RejectedRecord):
             yield row
 
 
@@ -532,16 +557,16 @@ class _ShardErrors:
         self.members.append(exn)
         return True
 
-    def drain(self) -> Iterator[_Rejected]:
+    def drain(self) -> Iterator[RejectedRecord]:
         """Rejections for the errors noted so far; a broken shard counts once however often it failed."""
         for exn in self.members:
-            yield _Rejected("bad_member", self.url, _first_arg(exn))
+            yield RejectedRecord("bad_member", self.url, _first_arg(exn))
         for exn in self.shard:
             if self.reported_shard:
                 logger.debug("further error in %s: %s", self.url, exn)
             else:
                 self.reported_shard = True
-                yield _Rejected("unreadable_shard", self.url, _first_arg(exn))
+                yield RejectedRecord("unreadable_shard", self.url, _first_arg(exn))
         self.members.clear()
         self.shard.clear()
 
@@ -552,16 +577,22 @@ def _first_arg(exn: Exception) -> str:
     return f"{type(exn).__name__}: {message}"
 
 
-def _read_shards(urls: Iterable[str], split: str | None) -> Iterator[_Record]:
-    """Records of WebDataset shards, one shard after the other."""
-    for url in urls:
-        errors = _ShardErrors(url)
-        for raw in _shard_members(url, errors):
-            yield from errors.drain()
-            record = _attempt(_shard_sample, raw, split)
-            if record is not None:
-                yield record
-        yield from errors.drain()
+def shard_records(url: str, split: str | None, bad: BadRecords) -> Iterator[tuple[int, Record]]:
+    """(index among the shard's samples, record) of one WebDataset shard in file order, images undecoded; records
+    of other splits are left out, rejected ones, broken members and an unreadable shard counted in `bad`."""
+    errors = _ShardErrors(url)
+    for index, raw in enumerate(_shard_members(url, errors)):
+        _reject_all(errors.drain(), bad)
+        record = _accepted(bad, parse_shard_sample, raw, split)
+        if record is not None:
+            yield index, record
+    _reject_all(errors.drain(), bad)
+
+
+def _reject_all(rejections: Iterable[RejectedRecord], bad: BadRecords) -> None:
+    """Count each rejection in `bad`."""
+    for rejected in rejections:
+        bad.reject(rejected)
 
 
 def _shard_members(
@@ -580,8 +611,9 @@ def _shard_members(
             source["stream"].close()
 
 
-def _shard_sample(raw: dict, split: str | None) -> Sample | None:
-    """One shard sample (KEY.jpg|png|... with KEY.txt and/or KEY.json) as a Sample."""
+def parse_shard_sample(raw: dict, split: str | None = None) -> Record | None:
+    """One webdataset sample dict (KEY.jpg|png|... with KEY.txt and/or KEY.json) as a Record; None when it is
+    of another split."""
     key = raw["__key__"]
     obj = _parse_json(raw["json"], key) if "json" in raw else {}
     record_split = _clean_split(obj.get("split"), key)
@@ -590,11 +622,10 @@ def _shard_sample(raw: dict, split: str | None) -> Sample | None:
     texts = _require_texts(_clean_texts(_shard_caption(raw, key) + _caption_values(obj)), key)
     labels = _clean_labels(obj.get("labels"), key)
     facets = _clean_facets(obj.get("facets"), key)
-    image_bytes = next((raw[suffix] for suffix in SHARD_IMAGE_SUFFIXES if suffix in raw), None)
-    if image_bytes is None:
-        raise _Rejected("missing_image", key, raw.get("__url__", ""))
-    image = _decode(key, image_bytes)
-    return Sample(key, image, texts, labels, record_split, _clean_group(obj.get("group"), key), facets)
+    image = next((raw[suffix] for suffix in SHARD_IMAGE_SUFFIXES if suffix in raw), None)
+    if image is None:
+        raise RejectedRecord("missing_image", key, raw.get("__url__", ""))
+    return Record(key, image, tuple(texts), labels, record_split, _clean_group(obj.get("group"), key), facets)
 
 
 def _shard_caption(raw: dict, key: str) -> list[str]:
@@ -604,7 +635,7 @@ def _shard_caption(raw: dict, key: str) -> list[str]:
     try:
         return [raw["txt"].decode("utf-8")]
     except UnicodeDecodeError as err:
-        raise _Rejected("bad_encoding", key, str(err)) from err
+        raise RejectedRecord("bad_encoding", key, str(err)) from err
 
 
 def _shard_metadata(urls: Iterable[str]) -> Iterator[dict]:
@@ -613,5 +644,5 @@ def _shard_metadata(urls: Iterable[str]) -> Iterator[dict]:
         for raw in _shard_members(url, _ShardErrors(url), wanted=lambda name: name.endswith(".json")):
             try:
                 yield _parse_json(raw["json"], "") if "json" in raw else {}
-            except _Rejected:
+            except RejectedRecord:
                 continue

@@ -37,8 +37,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from core import data as datasets
-from core.data import BadRecords, DataQualityError
+from core.data import (
+    BadRecords,
+    DataQualityError,
+    DataSource,
+    Record,
+    read_records,
+    resolve_source,
+    shard_records,
+)
 from core.preprocess import (
     ImageDecodeError,
     PreprocessConfig,
@@ -122,13 +129,11 @@ def cat_rows(parts: list[Rows]) -> Rows:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)  # slots: a folder's million records stay small
-class Record:
-    """One sample before decoding; (shard, index) names it for its random draws, whatever order it is read in."""
+class PlacedRecord:
+    """A record (core.data's, not decoded) at its place: (shard, index) names it for its random draws, whatever
+    order it is read in."""
 
-    key: str
-    image: bytes | Path  # encoded bytes (a tar member) or the image file
-    texts: tuple[str, ...]
-    labels: dict[str, str]
+    record: Record
     shard: int
     index: int  # position among the shard's records
 
@@ -137,13 +142,13 @@ class Record:
 class RecordShard:
     """A pseudo-shard: some of a folder's or CSV's records (paths and captions, no pixels)."""
 
-    records: tuple[Record, ...]
+    records: tuple[PlacedRecord, ...]
 
     @property
     def size(self) -> int:
         return len(self.records)
 
-    def read(self, bad: BadRecords) -> Iterator[Record]:
+    def read(self, bad: BadRecords) -> Iterator[PlacedRecord]:
         return iter(self.records)
 
 
@@ -156,95 +161,30 @@ class TarShard:
     split: str | None
     size: int
 
-    def read(self, bad: BadRecords) -> Iterator[Record]:
+    def read(self, bad: BadRecords) -> Iterator[PlacedRecord]:
         """Its usable records in file order, image bytes read but not decoded; bad ones counted in `bad`."""
-        errors = datasets._ShardErrors(self.url)
-        for index, raw in enumerate(datasets._shard_members(self.url, errors)):
-            _count_rejected(errors.drain(), bad)
-            record = _attempt(bad, _tar_record, raw, self.split, self.number, index)
-            if record is not None:
-                yield record
-        _count_rejected(errors.drain(), bad)
+        for index, record in shard_records(self.url, self.split, bad):
+            yield PlacedRecord(record, self.number, index)
 
 
-def _attempt(bad: BadRecords, build: Callable, *args):
-    """`build(*args)`; a rejection is counted in `bad` and gives None, as another split's record does."""
-    try:
-        record = build(*args)
-    except datasets._Rejected as rejected:
-        _count_rejected([rejected], bad)
-        return None
-    if record is not None:  # another split's record is not seen, as in `iter_samples`
-        bad.seen += 1
-    return record
-
-
-def _count_rejected(rejections: Iterable, bad: BadRecords) -> None:
-    for rejected in rejections:
-        bad.seen += 1
-        bad.add(rejected.reason, rejected.key, rejected.detail)
-
-
-def _in_split(obj: dict, where: str, split: str | None) -> bool:
-    record_split = datasets._clean_split(obj.get("split"), where)  # an unknown split name rejects the record
-    return split is None or record_split == split
-
-
-def _tar_record(raw: dict, split: str | None, shard: int, index: int) -> Record | None:
-    """A shard sample (KEY.jpg|png|... with KEY.txt and/or KEY.json) by core.data's rules, left undecoded."""
-    key = raw["__key__"]
-    obj = datasets._parse_json(raw["json"], key) if "json" in raw else {}
-    if not _in_split(obj, key, split):
-        return None
-    captions = datasets._shard_caption(raw, key) + datasets._caption_values(obj)
-    texts = datasets._require_texts(datasets._clean_texts(captions), key)
-    labels = datasets._clean_labels(obj.get("labels"), key)
-    image = next((raw[suffix] for suffix in datasets.SHARD_IMAGE_SUFFIXES if suffix in raw), None)
-    if image is None:
-        raise datasets._Rejected("missing_image", key, raw.get("__url__", ""))
-    return Record(key, image, tuple(texts), labels, shard, index)
-
-
-def _file_rows(source) -> Iterator[tuple[str, bytes | dict | datasets._Rejected]]:
-    """(location, raw record) of a captions.jsonl (JSON bytes) or a CSV file (row dicts or rejections)."""
-    if source.kind == "csv":
-        yield from datasets._csv_lines(source.path)
-        return
-    with source.path.open("rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            if raw.strip():
-                yield f"{source.path.name}:{number}", raw
-
-
-def _file_record(raw, kind: str, root: Path, where: str, split: str | None) -> tuple | None:
-    """A folder/CSV record as (key, image path, texts, labels) by core.data's rules, the image not opened."""
-    if isinstance(raw, datasets._Rejected):
-        raise raw
-    obj = datasets._csv_record(raw, where) if kind == "csv" else datasets._parse_json(raw, where)
-    if not _in_split(obj, where, split):
-        return None
-    key, path = datasets._image_path(root, obj.get("image"), where)
-    texts = datasets._require_texts(datasets._clean_texts(datasets._caption_values(obj)), key)
-    labels = datasets._clean_labels(obj.get("labels"), key)
-    if not path.is_file():
-        raise datasets._Rejected("missing_image", key, str(path))
-    return key, path, tuple(texts), labels
-
-
-def file_records(source, split: str | None, bad: BadRecords) -> list[tuple]:
+def file_records(source: DataSource, split: str | None, bad: BadRecords) -> list[Record]:
     """Every usable record of a folder or CSV source, duplicates of a key left out (as `iter_samples`)."""
-    root = source.path.parent.resolve()
     found, keys = [], set()
-    for where, raw in _file_rows(source):
-        record = _attempt(bad, _file_record, raw, source.kind, root, where, split)
-        if record is None:
+    for record in read_records(source, split, bad):
+        if record.key in keys:
+            bad.add("duplicate_key", record.key)
             continue
-        if record[0] in keys:
-            bad.add("duplicate_key", record[0])
-            continue
-        keys.add(record[0])
+        keys.add(record.key)
         found.append(record)
     return found
+
+
+def _usable_records(source: DataSource, split: str | None, bad: BadRecords) -> Iterator[Record]:
+    """A source's usable records, undecoded: a shard set's all of them, a folder's or CSV's as `file_records`."""
+    if source.kind == "webdataset":
+        return (placed.record for number, url in enumerate(source.urls)
+                for placed in TarShard(url, number, split, 0).read(bad))
+    return iter(file_records(source, split, bad))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -258,24 +198,15 @@ class Entry:
 def catalogue(source: str | Path | list, split: str | None, bad: BadRecords) -> list[Entry]:
     """Captions and labels of every usable record of `source`, no image decoded (a tar shard's bytes are read):
     what tokenizer training, label sets and the choice of data mode need before streaming."""
-    resolved = datasets._resolve(source)
-    if resolved.kind == "webdataset":
-        return [Entry(r.texts, r.labels) for number, url in enumerate(resolved.urls)
-                for r in TarShard(url, number, split, 0).read(bad)]
-    return [Entry(texts, labels) for _, _, texts, labels in file_records(resolved, split, bad)]
+    return [Entry(record.texts, record.labels) for record in _usable_records(resolve_source(source), split, bad)]
 
 
 def record_alphas(source: str | Path | list, split: str | None, preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
     """Each record's opacity at the model's input (`resize_alpha`, (H, W) uint8) by key, the first decodable record
     of a key (as `core.data` keeps it): the samples `core.data` decodes are composited on white, so the cache's
     background augmentation reads their alpha here."""
-    resolved, bad = datasets._resolve(source), BadRecords()
-    if resolved.kind == "webdataset":
-        records = (r for number, url in enumerate(resolved.urls) for r in TarShard(url, number, split, 0).read(bad))
-    else:
-        records = (Record(*found, 0, index) for index, found in enumerate(file_records(resolved, split, bad)))
     alphas = {}
-    for record in records:
+    for record in _usable_records(resolve_source(source), split, BadRecords()):
         if record.key in alphas:
             continue
         try:
@@ -285,11 +216,11 @@ def record_alphas(source: str | Path | list, split: str | None, preprocess: Prep
     return alphas
 
 
-def pseudo_shards(records: list[tuple], count: int, seed: int) -> list[RecordShard]:
+def pseudo_shards(records: list[Record], count: int, seed: int) -> list[RecordShard]:
     """`count` near-equal pseudo-shards of a seeded permutation of the records (fixed for the run, as files are):
     a folder's records are often grouped by class, which a shuffle buffer alone would not mix."""
     order = np.random.default_rng(_seed_sequence(_PSEUDO_SHARDS, seed)).permutation(len(records))
-    return [RecordShard(tuple(Record(*records[i], shard, index) for index, i in enumerate(part.tolist())))
+    return [RecordShard(tuple(PlacedRecord(records[i], shard, index) for index, i in enumerate(part.tolist())))
             for shard, part in enumerate(np.array_split(order, count))]
 
 
@@ -393,7 +324,7 @@ class StreamPlan:
         return deal_shards([shard.size for shard in self.shards], self.quotas, self.seed, epoch)
 
     def records(self, stream: int, epoch: int, shard_numbers: list[int],
-                bad: BadRecords) -> Iterator[tuple[int, Record]]:
+                bad: BadRecords) -> Iterator[tuple[int, PlacedRecord]]:
         """(pass, record) of one stream in one epoch, without end: its shards through its shuffle buffer, then
         again with a new buffer seed when it needs more than they hold."""
         for pass_ in itertools.count():
@@ -435,9 +366,9 @@ def augment_image(image: Image.Image, aug: AugmentConfig, u) -> Image.Image:
     return ImageOps.mirror(cropped) if aug.hflip and u[4] < 0.5 else cropped
 
 
-def sample_draws(seed: int, epoch: int, record: Record, pass_: int) -> np.ndarray:
+def sample_draws(seed: int, epoch: int, placed: PlacedRecord, pass_: int) -> np.ndarray:
     """The uniforms one sample owns in one epoch (see _DRAWS), whatever the order it is read in."""
-    return np.random.default_rng(_seed_sequence(_SAMPLE, seed, epoch, record.shard, record.index, pass_)).random(
+    return np.random.default_rng(_seed_sequence(_SAMPLE, seed, epoch, placed.shard, placed.index, pass_)).random(
         _DRAWS)
 
 
@@ -481,19 +412,19 @@ class SampleTransform:
     label_prompt_prob: float = 0.0
     keep_alpha: bool = False
 
-    def rows(self, records: list[tuple[int, Record]], epoch: int, bad: BadRecords) -> Rows:
+    def rows(self, records: list[tuple[int, PlacedRecord]], epoch: int, bad: BadRecords) -> Rows:
         """One stream's rows of one step; an undecodable record repeats the nearest decodable one's row."""
-        prepared = fill_failures([self.prepare(record, epoch, pass_, bad) for pass_, record in records])
+        prepared = fill_failures([self.prepare(placed, epoch, pass_, bad) for pass_, placed in records])
         pixels, alphas, texts, is_prompt = zip(*prepared, strict=True)
         return Rows(torch.from_numpy(np.stack(pixels)), torch.from_numpy(self.tokenizer.encode(list(texts))),
                     torch.tensor(is_prompt, dtype=torch.bool),
                     torch.from_numpy(np.stack(alphas))[:, None] if self.keep_alpha else None)
 
-    def prepare(self, record: Record, epoch: int, pass_: int,
+    def prepare(self, placed: PlacedRecord, epoch: int, pass_: int,
                 bad: BadRecords) -> tuple[np.ndarray, np.ndarray | None, str, bool] | None:
         """(pixels (3, H, W) float32, opacity (H, W) uint8 or None, text, is label prompt) of one sample; None when
         its image is unusable."""
-        draws = sample_draws(self.seed, epoch, record, pass_)
+        draws, record = sample_draws(self.seed, epoch, placed, pass_), placed.record
         try:
             image, alpha = self.decode(record)
         except ImageDecodeError as err:
@@ -624,7 +555,7 @@ class StreamingBatches:
                  len(shards), streams, self.steps_per_epoch)
 
     def _shards(self, source, split, num_samples, global_batch, seed, config) -> list[RecordShard | TarShard]:
-        resolved = datasets._resolve(source)
+        resolved = resolve_source(source)
         if resolved.kind == "webdataset":
             return tar_shards(resolved.urls, split, num_samples, self.bad_records)
         records = file_records(resolved, split, self.bad_records)

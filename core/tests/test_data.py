@@ -4,6 +4,7 @@ is skipped and counted under its reason."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -18,10 +19,16 @@ from PIL import Image
 from core.data import (
     BadRecords,
     DataQualityError,
+    Record,
+    RejectedRecord,
     fingerprint,
     iter_samples,
     label_sets,
     load_samples,
+    parse_csv_row,
+    parse_jsonl_line,
+    parse_shard_sample,
+    shard_records,
     splits_present,
 )
 
@@ -255,6 +262,54 @@ def test_facets_are_read_apart_from_labels(tmp_path, fmt):
     key = "other" if fmt == "webdataset" else "img/other.png"
     assert faceted == [(key, {"colour": "red"}, {"vendor": "twitter"})]
     assert "vendor" not in label_sets(samples)
+
+
+def test_one_record_parses_alike_as_a_jsonl_line_a_csv_row_and_a_shard_sample(tmp_path):
+    root = tmp_path.resolve()
+    write_files(root, {"red.png": png_bytes(RED)})
+    fields = {"labels": {"colour": "red"}, "facets": {"vendor": "noto"}, "split": "train", "group": "warm"}
+    line = json.dumps({"image": "red.png", "text": [" a red square ", "red"], **fields}).encode()
+    row = {"image": "red.png", "text": " a red square || red", "split": "train", "group": "warm",
+           "label_colour": "red", "facet_vendor": "noto"}
+    member = {"__key__": "red", "__url__": "s.tar", "png": png_bytes(RED), "txt": b" a red square ",
+              "json": json.dumps({"caption": "red", **fields}).encode()}
+    shard = parse_shard_sample(member)
+    expected = Record("red.png", root / "red.png", ("a red square", "red"), {"colour": "red"}, "train", "warm",
+                      {"vendor": "noto"})
+    assert parse_jsonl_line(line, root, "captions.jsonl:1") == expected
+    assert parse_csv_row(row, root, "captions.csv:2") == expected
+    assert dataclasses.replace(shard, key="red.png", image=root / "red.png") == expected
+    assert shard.image == png_bytes(RED)  # undecoded
+    assert shard.to_sample().image.getpixel((0, 0)) == expected.to_sample().image.getpixel((0, 0)) == RED[:3]
+    assert parse_jsonl_line(line, root, "captions.jsonl:1", split="val") is None
+    assert parse_shard_sample(member, split="val") is None
+
+
+@pytest.mark.parametrize(
+    "parse, reason, key, detail",
+    [
+        (lambda root: parse_jsonl_line(b'{"image": "red.png", "text": " "}', root, "c.jsonl:3"),
+         "empty_caption", "red.png", ""),
+        (lambda root: parse_csv_row({"image": "../red.png", "text": "x"}, root, "c.csv:4"),
+         "unsafe_path", "c.csv:4", "../red.png"),
+        (lambda root: parse_shard_sample({"__key__": "k", "__url__": "s.tar", "txt": b"x"}),
+         "missing_image", "k", "s.tar"),
+        (lambda root: Record("k", b"not an image", ("x",), {}, None, "k", {}).to_sample(),
+         "corrupt_image", "k", "cannot"),
+    ],
+)
+def test_a_rejection_carries_reason_key_and_detail(tmp_path, parse, reason, key, detail):
+    with pytest.raises(RejectedRecord) as caught:
+        parse(tmp_path.resolve())
+    assert (caught.value.reason, caught.value.key) == (reason, key)
+    assert caught.value.detail.startswith(detail)
+
+
+def test_shard_records_are_numbered_by_their_place_among_the_shards_samples(tmp_path):
+    shard = write_shard(tmp_path / "s.tar", [("a.txt", b"no image"), *GOOD_MEMBERS[5:]])
+    bad = BadRecords()
+    assert [(index, record.key) for index, record in shard_records(str(shard), None, bad)] == [(1, "clear")]
+    assert (bad.seen, bad.skipped) == (2, Counter({"missing_image": 1}))
 
 
 def test_folder_symlink_out_of_root_is_unsafe(tmp_path):
