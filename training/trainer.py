@@ -493,6 +493,7 @@ def _summary(run: RunState, history: dict, final: dict, last_step: int) -> dict:
         "train_seconds": seconds, "samples_per_second": rate, "achieved_flops": achieved,
         "mfu": achieved / perf["matmul_peak_flops"], **perf, "world_size": run.info.world_size,
         "precision": run.cfg.precision, "augment": dataclasses.asdict(run.cfg.augment),
+        "data_mode": "stream" if isinstance(run.sampler, StreamingBatches) else "cache",
         "bad_records": run.bad_records,
         "final_loss": history["steps"][-1]["loss"] if history["steps"] else None,
         "eval_split": run.cfg.eval_split, "eval": final["eval"],
