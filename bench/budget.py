@@ -29,11 +29,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_P
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A name, the data set it trains on and its extra `train` arguments."""
+    """A name, the data set it trains on and its extra `train` arguments. `same_model`: it trains the reference's
+    model, so its steps cost what the reference's do (within the few milliseconds of an augmentation) and it takes
+    as many steps, uncalibrated: on a loaded machine, two calibrations of one model differ by 15–20%."""
 
     name: str
     data: str
     args: tuple[str, ...] = ()
+    same_model: bool = False
 
 
 def cli(*args: str) -> float:
@@ -69,7 +72,9 @@ def steps_per_epoch(data: str, batch_size: int = 64) -> int:
 
 def budget(recipes: list[Recipe], reference: Recipe, reference_epochs: int, work: Path) -> dict:
     """Epochs per recipe so that each spends the CPU time of `reference_epochs` epochs of `reference`."""
-    cost = {r.name: cpu_seconds_per_step(r, work, reference_epochs) for r in recipes}
+    reference_cost = cpu_seconds_per_step(reference, work, reference_epochs)
+    cost = {r.name: reference_cost if r.same_model or r == reference else cpu_seconds_per_step(r, work, reference_epochs)
+            for r in recipes}
     steps = {r.name: steps_per_epoch(r.data) for r in recipes}
     spend = reference_epochs * steps[reference.name] * cost[reference.name]
     epochs = {r.name: max(1, round(spend / (steps[r.name] * cost[r.name]))) for r in recipes}
@@ -160,7 +165,7 @@ def table_rows(results: dict, seeds: list[int], cells: Callable[[list[dict]], li
 
 def cost_note(results: dict) -> str:
     """The measured CPU seconds per step of every recipe, for the section's text."""
-    cost = results.get("budget", {}).get("cpu_seconds_per_step", {})
+    cost = results.get("budget", {}).get("cpu_seconds_per_step", {})  # same-model recipes: the reference's
     return ", ".join(f"{name} {seconds:.2f}" for name, seconds in cost.items())
 
 

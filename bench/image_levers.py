@@ -38,9 +38,9 @@ TEST_COLUMNS = {"by_vendor/google/retrieval/t2i_r1": "google t→i R@1",
 
 def recipes(google: str, both: str) -> list[Recipe]:
     """Today's recipe first (the budget's reference), then one lever each."""
-    return [Recipe("base", google), Recipe("style-light", google, ("--style-augment", "light")),
-            Recipe("style-strong", google, ("--style-augment", "strong")),
-            Recipe("size-64", google, ("--image-size", "64")), Recipe("vendors", both)]
+    return [Recipe("base", google), Recipe("style-light", google, ("--style-augment", "light"), same_model=True),
+            Recipe("style-strong", google, ("--style-augment", "strong"), same_model=True),
+            Recipe("size-64", google, ("--image-size", "64")), Recipe("vendors", both, same_model=True)]
 
 
 def build_data(cache: str) -> tuple[str, str]:
@@ -79,8 +79,9 @@ def write(args, results: dict) -> None:
     body = (f"xCLIP, model `small` (32 px unless `size-64`), text tower from scratch; trained on Google's Noto art "
             f"(`vendors`: Noto and Twemoji), evaluated through ONNX on the two-vendor data's val and test splits, "
             f"each vendor's images as their own gallery; seeds {args.seeds}, mean ± half-range. Budget: the CPU time "
-            f"of {epochs} epochs of `base`; the others' epochs spend about as much (CPU seconds per step of 64: "
-            f"{cost_note(results)}). One thread per training process, {args.jobs} side by side. Raw results: "
+            f"of {epochs} epochs of `base`: the style and vendor recipes train the same model for as many steps (half "
+            f"the epochs for two vendors' images), `size-64` for the epochs that spend as much CPU (measured CPU "
+            f"seconds per step of 64: {cost_note(results)}). One thread per training process, {args.jobs} side by side. Raw results: "
             f"`docs/image-levers.json`.\n\n" + markdown_table(headers, rows) + "\n")
     print(body)
     write_section("image-levers", "Image-side levers: style augmentations, 64 px, two vendors (emoji, demo budget)",
