@@ -33,7 +33,8 @@ from core.preprocess import ImageDecodeError, load_image
 
 logger = logging.getLogger(__name__)
 
-BUILD_FORMAT = 2  # bump when captions, labels, splits or images change: cached builds are then redone
+# bump when captions, labels, splits or images change: cached builds are then redone. 3: images keep their alpha
+BUILD_FORMAT = 3
 EMOJI_JSON = "package/emoji.json"
 METADATA_JSON = "dataset.json"
 DROPPED_CATEGORIES = frozenset({"Component"})  # bare skin-tone swatches, not emoji anyone looks for
@@ -387,13 +388,16 @@ def split_sizes(count: int) -> tuple[int, int, int]:
 def _write_images(
     images: list[EmojiImage], pngs: dict[str, dict[str, bytes]], out_dir: Path, by_vendor: bool
 ) -> list[EmojiImage]:
-    """Composite each emoji PNG onto white and save it as RGB; returns the images actually written."""
+    """Write each emoji's PNG as its package has it, transparency kept (readers composite it onto white, as
+    preprocessing does; training's background augmentation puts it on other colours); returns the images written."""
     for folder in {(out_dir / item.path(by_vendor)).parent for item in images}:
         folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for item in tqdm(images, desc="compositing emoji", unit="img", disable=None):
+    for item in tqdm(images, desc="writing emoji", unit="img", disable=None):
         try:
-            load_image(pngs[item.vendor][item.image]).save(out_dir / item.path(by_vendor), format="PNG")
+            png = pngs[item.vendor][item.image]
+            load_image(png)  # refuse what does not decode
+            (out_dir / item.path(by_vendor)).write_bytes(png)
         except (KeyError, ImageDecodeError) as err:
             reason = f"not in the {item.vendor} package" if isinstance(err, KeyError) else err
             logger.warning("leaving out %s: %s", item.path(by_vendor), reason)
