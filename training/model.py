@@ -326,10 +326,13 @@ class DualEncoder(nn.Module):
         """(B, L) → (B, retrieval_dim): the served text embedding (unnormalised unless `normalize`)."""
         return self.served(input_ids, "text", normalize)["embedding"]
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training outputs: `image_*`/`text_*` embeddings (unnormalised), cluster logits, and `logit_scale`."""
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor,
+                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training outputs: `image_*`/`text_*` embeddings (unnormalised), cluster logits, and `logit_scale`.
+        `text_features`: the text tower's outputs for `input_ids`, when a locked tower's are precomputed."""
         out = {f"image_{k}": v for k, v in self._outputs(self.visual(pixels), "image").items()}
-        out.update({f"text_{k}": v for k, v in self._outputs(self.text(input_ids), "text").items()})
+        text = self.text(input_ids) if text_features is None else text_features
+        out.update({f"text_{k}": v for k, v in self._outputs(text, "text").items()})
         if self.config.objective != "nclip":
             out["logit_scale"] = self.logit_scale
         return out

@@ -129,11 +129,11 @@ def pooled_text_tower(spec: dict) -> PooledTextTower:
 
 
 # -- locking -----------------------------------------------------------------------------------------------------
-def tower_groups(model: nn.Module, modality: str) -> list[list[nn.Module | nn.Parameter]]:
+def tower_groups(model: nn.Module, modality: str, projection: bool = True) -> list[list[nn.Module | nn.Parameter]]:
     """A tower's layer groups, input to output, as open_clip locks them: embeddings (and the pre-LayerNorm), each
-    Transformer block, the final LayerNorm, then the projection."""
+    Transformer block, the final LayerNorm, then (when `projection`) the projection."""
     tower = model.visual if modality == "image" else model.text
-    projection = getattr(model, "image_proj" if modality == "image" else "text_proj", None)
+    projection = getattr(model, projection_name(modality), None) if projection else None
     if isinstance(tower, (TransformersTower, PooledTextTower)):
         groups = _transformers_groups(tower.tower if isinstance(tower, TransformersTower) else tower.encoder)
     else:
@@ -157,11 +157,18 @@ def _own_groups(tower: nn.Module) -> list[list]:
     return [embeddings, *([block] for block in tower.blocks), final]
 
 
-def lock_tower(model: nn.Module, modality: str, unlocked_groups: int = 0) -> int:
+def projection_name(modality: str) -> str:
+    return "image_proj" if modality == "image" else "text_proj"
+
+
+def lock_tower(model: nn.Module, modality: str, unlocked_groups: int = 0,
+               pretrained_parts: tuple[str, ...] | None = None) -> int:
     """Freeze `modality`'s tower but its last `unlocked_groups` layer groups (open_clip's `lock_image_tower` /
     `lock_text_tower`); returns the number of frozen parameters. LayerNorm parameters of frozen groups freeze
-    with them; our towers have no BatchNorm."""
-    groups = tower_groups(model, modality)
+    with them; our towers have no BatchNorm. A projection that is not among the `pretrained_parts` (the new one
+    over a `--text-tower`) is no part of the tower and trains, as open_clip's HF text tower keeps its `proj`."""
+    own_projection = pretrained_parts is None or projection_name(modality) in pretrained_parts
+    groups = tower_groups(model, modality, projection=own_projection)
     if not 0 <= unlocked_groups <= len(groups):
         raise ValueError(f"{modality} tower has {len(groups)} layer groups; cannot unlock {unlocked_groups}")
     frozen = 0
@@ -186,3 +193,34 @@ def pretrained_parameter_ids(model: nn.Module, parts: tuple[str, ...]) -> set[in
         elif part is not None:
             ids.update(id(p) for p in part.parameters())
     return ids
+
+
+def is_fully_locked(model: nn.Module, modality: str) -> bool:
+    """Every parameter of `modality`'s tower frozen: its outputs are a fixed function of its input (in eval mode)."""
+    tower = model.visual if modality == "image" else model.text
+    return not any(p.requires_grad for p in tower.parameters())
+
+
+class LockedTextFeatures:
+    """A fully locked text tower's outputs for a fixed set of token rows, computed once, in eval mode and in a
+    fixed order (LiT: Zhai et al. 2022 precompute the locked tower's representations). A row outside the set is
+    computed when asked for."""
+
+    def __init__(self, tower: nn.Module, rows: torch.Tensor, batch_size: int = 256):
+        self.tower = tower
+        unique = torch.unique(rows, dim=0)  # sorted: the same batches, hence the same features, on every start
+        self.index = {row.tobytes(): i for i, row in enumerate(unique.numpy())}
+        self.features = self._run(unique, batch_size)  # (N, width)
+
+    @torch.no_grad()
+    def _run(self, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+        device = next(self.tower.parameters()).device
+        return torch.cat([self.tower(rows[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(rows), batch_size)])
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token rows → (B, width) tower outputs, on `input_ids`' device."""
+        found = [self.index.get(row.tobytes()) for row in input_ids.cpu().numpy()]
+        if None in found:
+            return self._run(input_ids, len(input_ids)).to(input_ids.device)
+        return self.features[found].to(input_ids.device)

@@ -34,7 +34,7 @@ from training.model import DualEncoder, ModelConfig, count_parameters, create_mo
 from training.optim import cosine_lr, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint
 from training.perf import measure_matmul_peak, training_flops_per_sample
 from training.streaming import StreamingBatches
-from training.towers import lock_tower, pretrained_parameter_ids
+from training.towers import LockedTextFeatures, is_fully_locked, lock_tower, pretrained_parameter_ids
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ class RunState:
     start_step: int
     bad_records: dict
     perf: dict
+    text_features: LockedTextFeatures | None = None  # a locked text tower's outputs, computed once (LiT)
 
 
 def build_tokenizer(model_cfg: ModelConfig, samples, out_dir: Path, resuming: bool,
@@ -235,7 +236,8 @@ def prepare(cfg: TrainConfig) -> RunState:
     if init is not None and not resuming:
         init.load_weights(model)
         log.info("initialised from %s", init.description)
-    model = _lock_towers(cfg, model).to(info.device)
+    model = _lock_towers(cfg, model, init).to(info.device)
+    _train_mode(model)
     loss_fn = ObjectiveLoss(model_cfg.objective, cfg.nclip, model_cfg.cluster_head.num_clusters,
                             cfg.multi_positive).to(info.device)
     lr_scales = ({"pretrained": (pretrained_parameter_ids(model, init.pretrained_parts), cfg.init_lr_scale)}
@@ -248,7 +250,8 @@ def prepare(cfg: TrainConfig) -> RunState:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = model if info.world_size == 1 else DistributedDataParallel(model)
     return RunState(cfg, info, out_dir, model_cfg, model, ddp_model, loss_fn, optimizer, sampler, tokenizer,
-                    preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict(), perf)
+                    preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict(), perf,
+                    _locked_text_features(model, sampler))
 
 
 def _training_data(cfg: TrainConfig, split: str | None, image_size: int) -> tuple[str, list, BadRecords]:
@@ -309,13 +312,38 @@ def _init_source(cfg: TrainConfig, model_cfg: ModelConfig) -> InitSource | None:
     return resolve_text_tower(cfg.text_tower, model_cfg) if cfg.text_tower else None
 
 
-def _lock_towers(cfg: TrainConfig, model: DualEncoder) -> DualEncoder:
-    """Freeze the towers `--lock-image` / `--lock-text` ask for, but their last unlocked groups."""
+def _lock_towers(cfg: TrainConfig, model: DualEncoder, init: InitSource | None) -> DualEncoder:
+    """Freeze the towers `--lock-image` / `--lock-text` ask for, but their last unlocked groups (a projection new
+    to the run trains)."""
+    parts = init.pretrained_parts if init is not None else None
     if cfg.lock_image:
-        lock_tower(model, "image", cfg.lock_image_unlocked_groups)
+        lock_tower(model, "image", cfg.lock_image_unlocked_groups, parts)
     if cfg.lock_text:
-        lock_tower(model, "text", cfg.lock_text_unlocked_groups)
+        lock_tower(model, "text", cfg.lock_text_unlocked_groups, parts)
     return model
+
+
+def _train_mode(model: DualEncoder) -> None:
+    """Training mode, but for fully locked towers, which run in eval mode (no dropout): their outputs are then a
+    fixed function of their input, as LiT's locked tower's, and can be computed once."""
+    model.train()
+    for modality, tower in (("image", model.visual), ("text", model.text)):
+        if is_fully_locked(model, modality):
+            tower.eval()
+
+
+def _locked_text_features(model: DualEncoder, sampler) -> LockedTextFeatures | None:
+    """A fully locked text tower's outputs for every caption and label prompt of the cache, computed once; None
+    when the tower trains or the data stream (whose captions are not known up front)."""
+    if not isinstance(sampler, BatchSampler) or not is_fully_locked(model, "text"):
+        return None
+    cache = sampler.cache
+    rows = cache.tokens if cache.label_tokens is None else torch.cat([cache.tokens, cache.label_tokens])
+    start = time.perf_counter()
+    features = LockedTextFeatures(model.text, rows)
+    log.info("locked text tower: %d distinct texts encoded once in %.1f s", len(features.index),
+             time.perf_counter() - start)
+    return features
 
 
 def _start_over(out_dir: Path) -> None:
@@ -345,7 +373,8 @@ def train_step(run: RunState, step: int) -> dict[str, float]:
     pixels = _styled(run, step, pixels.to(info.device))
     device_type = "cuda" if info.device.startswith("cuda") else "cpu"
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = run.ddp_model(pixels, input_ids.to(info.device))
+        text_features = run.text_features(input_ids) if run.text_features is not None else None
+        out = run.ddp_model(pixels, input_ids.to(info.device), text_features=text_features)
     out = {k: dist_utils.gather_with_local_grad(v.float(), info) if v.ndim else
            dist_utils.shared_parameter(v, info) for k, v in out.items()}
     if cfg.multi_positive:
@@ -448,7 +477,7 @@ def _evaluate(run: RunState, step: int, eval_sets, metrics_file) -> dict:
     run.model.eval()
     run.loss_fn.eval()
     result = evaluate_model(run.model, run.tokenizer, run.preprocess, eval_sets, run.cfg.templates)
-    run.model.train()
+    _train_mode(run.model)
     run.loss_fn.train()
     record = {"step": step, "eval": result}
     metrics_file.write(json.dumps(record) + "\n")

@@ -70,6 +70,35 @@ def test_a_locked_text_tower_stays_as_loaded(shapes_data, tower_dir, tmp_path):
                     eval_every=0)
     after = load_file(latest_checkpoint(run / "checkpoints") / "model.safetensors")
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+    start = prepared(shapes_data, tower_dir, tmp_path / "probe").model.state_dict()["text_proj.weight"]
+    assert not torch.equal(start, after["text_proj.weight"])  # the projection is new: it trains
+
+
+def test_a_locked_tower_runs_without_dropout_and_its_outputs_are_computed_once(shapes_data, tower_dir, tmp_path):
+    run = prepared(shapes_data, tower_dir, tmp_path, lock_text=True)
+    assert not run.model.text.training and run.model.visual.training
+    ids = torch.from_numpy(run.tokenizer.encode(["a red fox face", "sun", "a text no caption has"]))
+    with torch.no_grad():
+        first, second = run.model.text(ids), run.model.text(ids)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(run.text_features(ids[:2]), first[:2], atol=1e-6, rtol=1e-5)  # from the cache
+    torch.testing.assert_close(run.text_features(ids), first, atol=1e-6, rtol=1e-5)  # one row computed on demand
+    assert len(run.text_features.index) == len(torch.unique(run.sampler.cache.tokens, dim=0))
+    assert prepared(shapes_data, tower_dir, tmp_path / "trains").text_features is None
+    assert prepared(shapes_data, tower_dir, tmp_path / "stream", lock_text=True,
+                    data_mode="stream").text_features is None
+
+
+def test_a_run_on_a_locked_tower_resumes_exactly(shapes_data, tower_dir, tmp_path):
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    common = {"text_tower": str(tower_dir), "lock_text": True, "checkpoint_every": 2, "eval_every": 0}
+    whole = train_run(shapes_data, tmp_path / "whole", "xclip", max_steps=4, **common)
+    part = train_run(shapes_data, tmp_path / "part", "xclip", max_steps=2, **common)
+    train_run(shapes_data, part, "xclip", max_steps=4, **common)
+    np.testing.assert_allclose(losses(part), losses(whole), rtol=1e-6)
 
 
 def test_init_and_text_tower_together_are_refused(shapes_data, tower_dir, tmp_path):
