@@ -81,6 +81,17 @@ def budget(recipes: list[Recipe], reference: Recipe, reference_epochs: int, work
     return {"epochs": epochs, "cpu_seconds_per_step": cost, "scratch_epochs": reference_epochs}
 
 
+def recalibrate(results: dict, recipe: Recipe, reference: Recipe, work: Path) -> None:
+    """Re-measure one recipe (after a change to what it runs) against the reference, back to back, and set its
+    epochs from that ratio; its cost is stored on the scale of the reference's first measurement."""
+    budget_ = results["budget"]
+    ref_now, cost_now = (cpu_seconds_per_step(r, work, budget_["scratch_epochs"]) for r in (reference, recipe))
+    steps = steps_per_epoch(reference.data) / steps_per_epoch(recipe.data)
+    budget_["epochs"][recipe.name] = max(1, round(budget_["scratch_epochs"] * steps * ref_now / cost_now))
+    budget_["cpu_seconds_per_step"][recipe.name] = cost_now * budget_["cpu_seconds_per_step"][reference.name] / ref_now
+    results.get("runs", {}).pop(f"{recipe.name}-xclip", None)
+
+
 def run_one(recipe: Recipe, objective: str, seed: int, epochs: int, work: Path, eval_data: str,
             splits: tuple[str, ...]) -> dict:
     """Train, export and evaluate one recipe and seed: the first split's metrics at the top level, the others

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.budget import BudgetBench, Recipe, budget, cost_note, load, mean_of, parse_args, table_rows
+import bench.budget as bb
+from bench.budget import BudgetBench, Recipe, load, mean_of, table_rows
 from bench.objectives import mean_spread
 from bench.report import markdown_table, write_section
 
@@ -38,8 +39,14 @@ def recipes(data: str, minilm: Path) -> list[Recipe]:
             Recipe("minilm-unlocked", data, (*tower, "--init-lr-scale", "0.1"))]
 
 
+def options(parser) -> None:
+    parser.add_argument("--data", default=".cache/data/emoji-16.0.0")
+    parser.add_argument("--recalibrate", nargs="*", default=[], metavar="RECIPE",
+                        help="re-measure these recipes against scratch and drop their runs (after a code change)")
+
+
 def main() -> None:
-    args = parse_args(__doc__, "runs/bench-text-tower", lambda parser: parser.add_argument("--data", default=".cache/data/emoji-16.0.0"))
+    args = bb.parse_args(__doc__, "runs/bench-text-tower", options)
     results = load(RESULTS)
     if args.report_only:
         return write(args, results)
@@ -50,7 +57,10 @@ def main() -> None:
     minilm = Path(subprocess.run([sys.executable, "-m", "xclip_serve.cli", "data", "minilm"], check=True,
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1])
     xclip_recipes = recipes(args.data, minilm)
-    results.setdefault("budget", budget(xclip_recipes, xclip_recipes[0], args.epochs, work))
+    results.setdefault("budget", bb.budget(xclip_recipes, xclip_recipes[0], args.epochs, work))
+    for recipe in (r for r in xclip_recipes if r.name in args.recalibrate):
+        bb.recalibrate(results, recipe, xclip_recipes[0], work)
+        results.get("runs", {}).pop(f"{recipe.name}-clip", None)
     bench = BudgetBench(results, RESULTS, work, args.seeds, args.jobs, args.data, lambda r: write(args, r))
     bench.save()
     bench.run(bench.missing(xclip_recipes, "xclip"))
@@ -69,7 +79,7 @@ def write(args, results: dict) -> None:
     body = (f"Model `small` image tower; the text tower our 3-layer one (scratch) or all-MiniLM-L6-v2 (22.7 M "
             f"parameters) under a new projection; seeds {args.seeds}, mean ± half-range; test split through ONNX. "
             f"Budget: the CPU time of {epochs} epochs of the scratch recipe; the others' epochs spend about as much "
-            f"(measured CPU seconds per step of 64: {cost_note(results)}). One thread per training process, "
+            f"(measured CPU seconds per step of 64: {bb.cost_note(results)}). One thread per training process, "
             f"{args.jobs} side by side; wall time depends on what else the machine ran. Raw results: "
             f"`docs/text-tower.json`.\n\n" + markdown_table(headers, rows) + "\n")
     print(body)
