@@ -31,11 +31,13 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, se
     return 2 * size**3 * runs / (time.perf_counter() - start)
 
 
-def training_flops_per_sample(model: torch.nn.Module, pixels: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Forward + backward FLOPs of one sample, counted by torch on a small batch."""
+def training_flops_per_sample(model: torch.nn.Module, pixels: torch.Tensor, input_ids: torch.Tensor,
+                              text_features: torch.Tensor | None = None) -> float:
+    """Forward + backward FLOPs of one sample, counted by torch on a small batch (with `text_features`, the text
+    tower's outputs precomputed, the tower's own are not counted)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        out = model(pixels, input_ids)
+        out = model(pixels, input_ids) if text_features is None else model(pixels, input_ids, text_features)
         sum(v.float().sum() for v in out.values() if v.ndim > 0).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / pixels.shape[0]

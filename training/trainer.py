@@ -245,13 +245,14 @@ def prepare(cfg: TrainConfig) -> RunState:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, lr_scales), lr=cfg.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     start_step = _maybe_resume(cfg, out_dir, model, loss_fn, optimizer)
-    perf = _measure_perf(cfg, model, sampler, info) if info.is_main else {}  # before DDP hooks the parameters
+    text_features = _locked_text_features(model, sampler)
+    perf = _measure_perf(cfg, model, sampler, info, text_features) if info.is_main else {}  # before DDP hooks
     if info.world_size > 1 and info.device.startswith("cuda"):  # BatchNorm statistics over the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = model if info.world_size == 1 else DistributedDataParallel(model)
     return RunState(cfg, info, out_dir, model_cfg, model, ddp_model, loss_fn, optimizer, sampler, tokenizer,
                     preprocess, sampler.steps_per_epoch * cfg.epochs, start_step, bad.to_dict(), perf,
-                    _locked_text_features(model, sampler))
+                    text_features)
 
 
 def _training_data(cfg: TrainConfig, split: str | None, image_size: int) -> tuple[str, list, BadRecords]:
@@ -486,11 +487,15 @@ def _evaluate(run: RunState, step: int, eval_sets, metrics_file) -> dict:
     return record
 
 
-def _measure_perf(cfg: TrainConfig, model: DualEncoder, sampler: BatchSampler, info) -> dict:
-    """FLOPs per sample and the matmul peak of the training dtype, measured once before training."""
+def _measure_perf(cfg: TrainConfig, model: DualEncoder, sampler: BatchSampler, info,
+                  text_features: LockedTextFeatures | None) -> dict:
+    """FLOPs per sample (a locked text tower's computed once: not counted) and the matmul peak of the training
+    dtype, measured once before training."""
     pixels, ids = sampler.batch(0)
     n = min(8, pixels.shape[0])
-    flops = training_flops_per_sample(model, pixels[:n].to(info.device), ids[:n].to(info.device))
+    ids = ids[:n].to(info.device)
+    features = text_features(ids) if text_features is not None else None
+    flops = training_flops_per_sample(model, pixels[:n].to(info.device), ids, features)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     return {"flops_per_sample": flops, "matmul_peak_flops": measure_matmul_peak(dtype),
             "parameters": count_parameters(model)}

@@ -84,7 +84,9 @@ def test_a_locked_tower_runs_without_dropout_and_its_outputs_are_computed_once(s
     torch.testing.assert_close(run.text_features(ids[:2]), first[:2], atol=1e-6, rtol=1e-5)  # from the cache
     torch.testing.assert_close(run.text_features(ids), first, atol=1e-6, rtol=1e-5)  # one row computed on demand
     assert len(run.text_features.index) == len(torch.unique(run.sampler.cache.tokens, dim=0))
-    assert prepared(shapes_data, tower_dir, tmp_path / "trains").text_features is None
+    trains = prepared(shapes_data, tower_dir, tmp_path / "trains")
+    assert trains.text_features is None
+    assert run.perf["flops_per_sample"] < trains.perf["flops_per_sample"]  # MFU counts what a step computes
     assert prepared(shapes_data, tower_dir, tmp_path / "stream", lock_text=True,
                     data_mode="stream").text_features is None
 
