@@ -55,12 +55,13 @@ def train_args(recipe: Recipe, run: Path, objective: str, seed: int, epochs: int
             *(["--max-steps", str(max_steps)] if max_steps else [])]
 
 
-def cpu_seconds_per_step(recipe: Recipe, work: Path, epochs: int) -> float:
-    """A recipe's CPU seconds per training step: two short runs, differenced (start-up, data loading and the
-    final evaluation cancel)."""
+def calibrate(recipe: Recipe, work: Path, epochs: int) -> tuple[float, float]:
+    """A recipe's CPU seconds per training step and its fixed CPU seconds (start-up, data loading, a locked tower's
+    outputs computed once, the final evaluation), from two short runs: their difference and its intercept."""
     spent = [cli(*train_args(recipe, work / f"calibrate-{recipe.name}-{steps}", "xclip", 0, epochs, max_steps=steps))
              for steps in CALIBRATION_STEPS]
-    return (spent[1] - spent[0]) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+    per_step = (spent[1] - spent[0]) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+    return per_step, spent[0] - CALIBRATION_STEPS[0] * per_step
 
 
 def steps_per_epoch(data: str, batch_size: int = 64) -> int:
@@ -71,24 +72,38 @@ def steps_per_epoch(data: str, batch_size: int = 64) -> int:
 
 
 def budget(recipes: list[Recipe], reference: Recipe, reference_epochs: int, work: Path) -> dict:
-    """Epochs per recipe so that each spends the CPU time of `reference_epochs` epochs of `reference`."""
-    reference_cost = cpu_seconds_per_step(reference, work, reference_epochs)
-    cost = {r.name: reference_cost if r.same_model or r == reference else cpu_seconds_per_step(r, work, reference_epochs)
+    """Epochs per recipe so that each spends the CPU time of `reference_epochs` epochs of `reference`: its steps,
+    and what it spends once beyond the reference's fixed cost (see `epochs_for`)."""
+    reference_cost = calibrate(reference, work, reference_epochs)
+    cost = {r.name: reference_cost if r.same_model or r == reference else calibrate(r, work, reference_epochs)
             for r in recipes}
-    steps = {r.name: steps_per_epoch(r.data) for r in recipes}
-    spend = reference_epochs * steps[reference.name] * cost[reference.name]
-    epochs = {r.name: max(1, round(spend / (steps[r.name] * cost[r.name]))) for r in recipes}
-    return {"epochs": epochs, "cpu_seconds_per_step": cost, "scratch_epochs": reference_epochs}
+    budget_ = {"epochs": {}, "cpu_seconds_per_step": {n: c[0] for n, c in cost.items()},
+               "extra_fixed_cpu_seconds": {n: c[1] - reference_cost[1] for n, c in cost.items()},
+               "scratch_epochs": reference_epochs}
+    for recipe in recipes:
+        budget_["epochs"][recipe.name] = epochs_for(recipe, reference, reference_epochs, reference_cost,
+                                                    cost[recipe.name])
+    return budget_
+
+
+def epochs_for(recipe: Recipe, reference: Recipe, reference_epochs: int, reference_cost: tuple[float, float],
+               cost: tuple[float, float]) -> int:
+    """The epochs of `recipe` whose CPU time, steps plus fixed cost beyond the reference's, is that of
+    `reference_epochs` epochs of `reference`. Costs: (per step, fixed), measured back to back."""
+    spend = reference_epochs * steps_per_epoch(reference.data) * reference_cost[0]
+    extra = max(0.0, cost[1] - reference_cost[1])  # e.g. a locked tower's outputs, computed once
+    return max(1, round((spend - extra) / (steps_per_epoch(recipe.data) * cost[0])))
 
 
 def recalibrate(results: dict, recipe: Recipe, reference: Recipe, work: Path) -> None:
     """Re-measure one recipe (after a change to what it runs) against the reference, back to back, and set its
-    epochs from that ratio; its cost is stored on the scale of the reference's first measurement."""
+    epochs from them; its costs are stored on the scale of the reference's first measurement. Drops its runs."""
     budget_ = results["budget"]
-    ref_now, cost_now = (cpu_seconds_per_step(r, work, budget_["scratch_epochs"]) for r in (reference, recipe))
-    steps = steps_per_epoch(reference.data) / steps_per_epoch(recipe.data)
-    budget_["epochs"][recipe.name] = max(1, round(budget_["scratch_epochs"] * steps * ref_now / cost_now))
-    budget_["cpu_seconds_per_step"][recipe.name] = cost_now * budget_["cpu_seconds_per_step"][reference.name] / ref_now
+    ref_now, cost_now = (calibrate(r, work, budget_["scratch_epochs"]) for r in (reference, recipe))
+    budget_["epochs"][recipe.name] = epochs_for(recipe, reference, budget_["scratch_epochs"], ref_now, cost_now)
+    scale = budget_["cpu_seconds_per_step"][reference.name] / ref_now[0]
+    budget_["cpu_seconds_per_step"][recipe.name] = cost_now[0] * scale
+    budget_.setdefault("extra_fixed_cpu_seconds", {})[recipe.name] = (cost_now[1] - ref_now[1]) * scale
     results.get("runs", {}).pop(f"{recipe.name}-xclip", None)
 
 

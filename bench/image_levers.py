@@ -61,7 +61,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     google, both = build_data(args.cache_dir)
     all_recipes = recipes(google, both)
-    results.setdefault("budget", budget(all_recipes, all_recipes[0], args.epochs, work))
+    if "budget" not in results:
+        results["budget"] = budget(all_recipes, all_recipes[0], args.epochs, work)
     bench = BudgetBench(results, RESULTS, work, args.seeds, args.jobs, both, lambda r: write(args, r),
                         splits=("test", "val"))
     bench.save()

@@ -57,7 +57,8 @@ def main() -> None:
     minilm = Path(subprocess.run([sys.executable, "-m", "xclip_serve.cli", "data", "minilm"], check=True,
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1])
     xclip_recipes = recipes(args.data, minilm)
-    results.setdefault("budget", bb.budget(xclip_recipes, xclip_recipes[0], args.epochs, work))
+    if "budget" not in results:
+        results["budget"] = bb.budget(xclip_recipes, xclip_recipes[0], args.epochs, work)
     for recipe in (r for r in xclip_recipes if r.name in args.recalibrate):
         bb.recalibrate(results, recipe, xclip_recipes[0], work)
         results.get("runs", {}).pop(f"{recipe.name}-clip", None)
