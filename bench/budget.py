@@ -124,7 +124,17 @@ def run_one(recipe: Recipe, objective: str, seed: int, epochs: int, work: Path, 
         by_split[split] = json.loads(metrics_file.read_text())
     clusters = heldout_cluster_stats(bundle, eval_data)
     return {**by_split[splits[0]], **{s: by_split[s] for s in splits[1:]}, "train_seconds": train_seconds,
-            "train_cpu_seconds": train_cpu, "epochs": epochs, "clusters_used_frac": clusters.get("clusters_used_frac")}
+            "train_cpu_seconds": train_cpu, "epochs": epochs, "clusters_used_frac": clusters.get("clusters_used_frac"),
+            "measured": measured(stem)}
+
+
+def measured(run: Path) -> str:
+    """When and how a run trained: its date, precision and the CPU's widest vector extension (CPU seconds and, with
+    bf16, the results are comparable only between runs that share them)."""
+    precision = json.loads((run / "train_config.json").read_text())["precision"]
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    vector = next((f for f in ("avx512f", "avx2") if f in flags), "other")
+    return f"{time.strftime('%Y-%m-%d')} {precision} {vector}"
 
 
 @dataclasses.dataclass
@@ -147,6 +157,12 @@ class BudgetBench:
         runs = self.results.get("runs", {})
         return [(r, objective, seed) for seed in self.seeds for r in recipes
                 if str(seed) not in runs.get(f"{r.name}-{objective}", {})]
+
+    def drop(self, keys: list[str]) -> None:
+        """Forget the saved runs of these rows (`recipe-objective`), so that they are trained again."""
+        for key in keys:
+            if self.results.get("runs", {}).pop(key, None) is None:
+                raise SystemExit(f"--redo {key}: no such row in {self.path}")
 
     def run(self, todo: list[tuple[Recipe, str, int]]) -> None:
         with ThreadPoolExecutor(self.jobs) as pool:
@@ -204,4 +220,6 @@ def parse_args(doc: str, work: str, extra: Callable[[argparse.ArgumentParser], N
     parser.add_argument("--jobs", type=int, default=2, help="training processes side by side, one thread each")
     parser.add_argument("--work", default=work)
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the saved results")
+    parser.add_argument("--redo", nargs="*", default=[], metavar="RECIPE-OBJECTIVE",
+                        help="drop these rows' saved runs (e.g. scratch-xclip) and train them again, on this machine")
     return parser.parse_args()

@@ -25,7 +25,6 @@ from bench.objectives import mean_spread
 from bench.report import markdown_table, write_section
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "image-levers.json"
-COMMAND = "python bench/image_levers.py --seeds 0 1 2 --jobs 2"
 VAL_COLUMNS = {"by_vendor/google/retrieval/t2i_r1": "val google t→i R@1",
                "by_vendor/twitter/retrieval/t2i_r1": "val twitter t→i R@1",
                "by_vendor/twitter/zeroshot/subcategory/top1": "val twitter ZS subcat"}
@@ -65,6 +64,7 @@ def main() -> None:
         results["budget"] = budget(all_recipes, all_recipes[0], args.epochs, work)
     bench = BudgetBench(results, RESULTS, work, args.seeds, args.jobs, both, lambda r: write(args, r),
                         splits=("test", "val"))
+    bench.drop(args.redo)
     bench.save()
     bench.run(bench.missing(all_recipes, "xclip"))
     write(args, results)
@@ -86,7 +86,7 @@ def write(args, results: dict) -> None:
             f"`docs/image-levers.json`.\n\n" + markdown_table(headers, rows) + "\n")
     print(body)
     write_section("image-levers", "Image-side levers: style augmentations, 64 px, two vendors (emoji, demo budget)",
-                  body, command=COMMAND)
+                  body, command=f"python bench/image_levers.py --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs}")
 
 
 if __name__ == "__main__":
