@@ -131,7 +131,7 @@ def run_one(recipe: Recipe, objective: str, seed: int, epochs: int, work: Path, 
 def measured(run: Path) -> str:
     """When and how a run trained: its date, precision and the CPU's widest vector extension (CPU seconds and, with
     bf16, the results are comparable only between runs that share them)."""
-    precision = json.loads((run / "train_config.json").read_text())["precision"]
+    precision = json.loads((run / "train_config.json").read_text())["train"]["precision"]
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     vector = next((f for f in ("avx512f", "avx2") if f in flags), "other")
     return f"{time.strftime('%Y-%m-%d')} {precision} {vector}"
