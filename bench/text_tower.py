@@ -6,8 +6,9 @@ the `text-tower` section of docs/BENCHMARKS.md.
 
     python bench/text_tower.py --data .cache/data/emoji-16.0.0 --seeds 0 1 2 --jobs 2
 
-The budget is the CPU time of the from-scratch recipe's demo epochs (bench/budget.py: each recipe's epochs spend
-about as much). Finished runs are kept in docs/text-tower.json, and the section is rewritten after every run.
+The budget is the CPU time of the from-scratch recipe's demo epochs: each recipe's epochs are set from its CPU per
+step on short runs (bench/budget.py), and the table reports what the full runs spent. Finished runs are kept in
+docs/text-tower.json, and the section is rewritten after every run.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from bench.report import markdown_table, write_section
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "text-tower.json"
 COMMAND = "python bench/text_tower.py --data .cache/data/emoji-16.0.0 --seeds 0 1 2 --jobs 2"
-# runs saved before they recorded when and how they trained (`measured`)
-EARLIEST = "2026-12-01 (precision not recorded)"
 COLUMNS = {
     "retrieval/t2i_r1": "t→i R@1", "retrieval/t2i_r10": "t→i R@10",
     "retrieval_seen_words/t2i_r1": "t→i R@1 seen-word", "retrieval_novel_words/t2i_r1": "t→i R@1 novel-word",
@@ -91,7 +90,7 @@ def write(args, results: dict) -> None:
     rows = table_rows(results, args.seeds, lambda runs: [
         *(mean_spread([r[k] for r in runs], True) for k in COLUMNS),
         mean_spread([r["clusters_used_frac"] for r in runs], True) if runs[0]["clusters_used_frac"] is not None
-        else "–", ", ".join(sorted({r.get("measured", EARLIEST) for r in runs})),
+        else "–", ", ".join(sorted({r["measured"] for r in runs})),
         mean_spread([r["train_seconds"] for r in runs], False)])
     epochs = results.get("budget", {}).get("scratch_epochs", args.epochs)
     body = (f"Model `small` image tower; the text tower our 3-layer one (scratch) or all-MiniLM-L6-v2 (22.7 M "
